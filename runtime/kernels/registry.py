@@ -1,0 +1,97 @@
+"""Kernel registry: (domain, op_type) -> factories by opset version.
+
+A kernel is built once per op when a Session is planned ("build once, run many"): the factory
+reads attributes, constant inputs and static shapes from a `KernelNode` and returns a closure
+`run(*inputs) -> tuple of outputs`. Inputs arrive as numpy arrays, None for omitted optional
+inputs. Attribute parsing and shape-only work therefore happen once, not per call.
+
+    @kernel("Relu")
+    def relu(node: KernelNode) -> KernelFn:
+        return lambda x: (np.maximum(x, 0, dtype=x.dtype),)
+
+`@kernel("Foo", since=13)` registers a version that applies from opset 13 on; lookup takes the
+newest registration not newer than the model's opset for that domain.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import UnsupportedOpError
+from graphopt.ir import Graph, Op
+
+KernelFn = Callable[..., Sequence[Any]]
+KernelFactory = Callable[["KernelNode"], KernelFn]
+
+_REGISTRY: dict[tuple[str, str], list[tuple[int, KernelFactory]]] = {}
+
+
+@dataclass
+class KernelNode:
+    """What a kernel factory may know about its op at plan time."""
+
+    op: Op
+    graph: Graph
+    opset: int
+    #: Constant data per input slot (None for non-constant or omitted inputs).
+    consts: list[np.ndarray | None] = field(default_factory=list)
+    #: Session services for control-flow kernels (running subgraphs); set by the session.
+    services: Any = None
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.op.attrs.get(name, default)
+
+    @property
+    def op_type(self) -> str:
+        return self.op.op_type
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.op.inputs)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.op.outputs)
+
+    def input_shape(self, slot: int):
+        """Declared/inferred shape of an input (dims may be symbols or None), or None."""
+        name = self.op.inputs[slot] if slot < len(self.op.inputs) else ""
+        return self.graph.values[name].shape if name else None
+
+    def input_dtype(self, slot: int) -> int:
+        name = self.op.inputs[slot] if slot < len(self.op.inputs) else ""
+        return self.graph.values[name].dtype if name else 0
+
+
+def kernel(op_type: str, *, domain: str = "", since: int = 1) -> Callable[[KernelFactory], KernelFactory]:
+    """Register a kernel factory for `op_type` from opset `since` on."""
+    def register(factory: KernelFactory) -> KernelFactory:
+        versions = _REGISTRY.setdefault((domain, op_type), [])
+        bisect.insort(versions, (since, factory), key=lambda item: item[0])
+        return factory
+    return register
+
+
+def lookup(op_type: str, domain: str, opset: int) -> KernelFactory:
+    """The factory for an op at an opset; UnsupportedOpError when there is none."""
+    versions = _REGISTRY.get((domain if domain != "ai.onnx" else "", op_type))
+    if not versions:
+        dom = f"{domain}." if domain else ""
+        raise UnsupportedOpError(f"the graphopt runtime has no kernel for {dom}{op_type}")
+    chosen = None
+    for since, factory in versions:
+        if since <= max(opset, 1):
+            chosen = factory
+    if chosen is None:
+        raise UnsupportedOpError(f"the graphopt runtime has no kernel for {op_type} at opset {opset}")
+    return chosen
+
+
+def registered_ops() -> list[tuple[str, str]]:
+    """(domain, op_type) of every registered kernel."""
+    return sorted(_REGISTRY)
