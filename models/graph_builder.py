@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime accepts IR 8 with opset 17 everywhere we target
@@ -28,7 +28,9 @@ class GraphBuilder:
     def __init__(self, graph_name: str) -> None:
         self.graph_name = graph_name
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
+        # Weights go straight into the final ModelProto: building a graph and then handing it to
+        # make_model would copy every tensor twice, seconds for a few hundred MB.
+        self._model = onnx.ModelProto()
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._scopes: list[str] = []
@@ -76,7 +78,12 @@ class GraphBuilder:
     def weight(self, name: str, array: np.ndarray) -> str:
         """Add an initializer (a trained parameter), named like the framework's state dict."""
         name = self._unique(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        little_endian = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        tensor = self._model.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = np.ascontiguousarray(little_endian).tobytes()
         return name
 
     def const(self, value: np.ndarray | float | int | Sequence[int]) -> str:
@@ -109,22 +116,19 @@ class GraphBuilder:
 
     # ----------------------------------------------------------------- result
     def model(self, doc: str, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes,
-            self.graph_name,
-            self.inputs,
-            self.outputs,
-            initializer=self.initializers,
-            doc_string=doc,
-        )
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            ir_version=IR_VERSION,
-            producer_name=PRODUCER,
-            producer_version="0.1.0",
-            doc_string=doc,
-        )
+        """Finish the model (opset 17, IR 8). The builder must not be used afterwards."""
+        model, self._model = self._model, onnx.ModelProto()
+        model.ir_version = IR_VERSION
+        model.opset_import.append(helper.make_opsetid("", OPSET))
+        model.producer_name = PRODUCER
+        model.producer_version = "0.1.0"
+        model.doc_string = doc
+        graph = model.graph
+        graph.name = self.graph_name
+        graph.doc_string = doc
+        graph.node.extend(self.nodes)
+        graph.input.extend(self.inputs)
+        graph.output.extend(self.outputs)
         if metadata:
             helper.set_model_props(model, metadata)
         return model
