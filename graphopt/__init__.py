@@ -9,8 +9,9 @@
 from graphopt.errors import GraphoptError, InvalidModelError, UsageError
 from graphopt.ir import Graph, Op, Value
 from graphopt.onnx_io import load, save, to_model
+from graphopt.pipeline import optimize
 
 __version__ = "0.1.0"
 
 __all__ = ["Graph", "Op", "Value", "GraphoptError", "InvalidModelError", "UsageError",
-           "load", "save", "to_model", "__version__"]
+           "load", "save", "to_model", "optimize", "__version__"]
