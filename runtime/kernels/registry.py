@@ -11,6 +11,21 @@ inputs. Attribute parsing and shape-only work therefore happen once, not per cal
 
 `@kernel("Foo", since=13)` registers a version that applies from opset 13 on; lookup takes the
 newest registration not newer than the model's opset for that domain.
+
+Rules every kernel keeps:
+- Return fresh arrays, numpy views of the inputs, or read-only arrays. The session may later
+  write into a dead output (in place), so a kernel must never hand out a writeable array it
+  keeps (a cached constant, a reused workspace). `KernelNode.consts` arrays are read-only views.
+- Never write into an input unless the session passed it as `out=` (below).
+
+Optional capabilities, marked by attributes on the closure (a kernel without them works as is):
+- `fn.inplace_slots = (0, 1)` (use `writes_into(0, 1)`): `fn` accepts a keyword `out=` (an array
+  to write its single output into; it returns it). Each listed input slot may serve as `out`:
+  the output always has that input's dtype, so the session passes `out=inputs[slot]` only when
+  that array dies at this op, is writeable, shares memory with no other live tensor, and has the
+  output's (broadcast) shape. Fused epilogues (op meta `graphopt.fuse_into`) use the same hook.
+- `fn.needs_scope = True`: `fn` takes a keyword `scope=` (name -> value of the calling graph's
+  environment), for control flow running subgraphs that read outer-scope values.
 """
 
 from __future__ import annotations
@@ -90,6 +105,14 @@ def lookup(op_type: str, domain: str, opset: int) -> KernelFactory:
     if chosen is None:
         raise UnsupportedOpError(f"the graphopt runtime has no kernel for {op_type} at opset {opset}")
     return chosen
+
+
+def writes_into(*slots: int) -> Callable[[KernelFn], KernelFn]:
+    """Mark a closure as accepting `out=` and name the input slots that may serve as `out`."""
+    def mark(fn: KernelFn) -> KernelFn:
+        fn.inplace_slots = tuple(slots)  # type: ignore[attr-defined]
+        return fn
+    return mark
 
 
 def registered_ops() -> list[tuple[str, str]]:
