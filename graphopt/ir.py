@@ -528,6 +528,9 @@ class Graph:
         self.outputs = [f"\0{name}" if n == name else n for n in self.outputs]
         self.remove_value_force(old)
         self.rename_value(new, name)
+        # The output's declaration is the model's interface: it moves with the name.
+        for attr in ("dtype", "shape", "type_proto", "_declared", "value_info_proto", "doc_string"):
+            setattr(new, attr, getattr(old, attr))
         self.outputs = [name if n == f"\0{name}" else n for n in self.outputs]
         return True
 
@@ -654,9 +657,10 @@ class Graph:
             if isinstance(u, Value) == isinstance(v, Value):
                 raise IRError(f"edge {u!r} -> {v!r} is not value->op or op->value")
         for op in self.ops.values():
+            missing = [n for n in op._inputs + op._outputs if n and n not in self.values]
+            if missing:
+                raise IRError(f"op {op.name!r} names value {missing[0]!r}, which does not exist")
             expected_in = {(self.values[n], s) for s, n in enumerate(op._inputs) if n}
-            if any(n and n not in self.values for n in op._inputs):
-                raise IRError(f"op {op.name!r} reads a value that does not exist")
             actual_in = {(u, k) for u, _, k in g.in_edges(op, keys=True) if k != IMPLICIT}
             if expected_in != actual_in:
                 raise IRError(f"input edges of op {op.name!r} disagree with its input list")

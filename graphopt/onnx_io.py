@@ -355,7 +355,8 @@ def _graph_proto(graph: Graph) -> onnx.GraphProto:
     if graph.template is not None:
         gp.CopyFrom(graph.template)
     gp.name = graph.name
-    gp.doc_string = graph.doc_string
+    if graph.doc_string:
+        gp.doc_string = graph.doc_string
     for name in graph.inputs:
         gp.input.append(_value_info(graph.values[name]))
     for name in graph.outputs:
@@ -423,12 +424,13 @@ def _tensor_proto(value: Value) -> onnx.TensorProto:
 
 def _node_proto(op: Op) -> onnx.NodeProto:
     node = onnx.NodeProto()
-    node.op_type = op.op_type
-    node.domain = op.domain
-    node.name = op.name
-    node.doc_string = op.doc_string
     node.input.extend(op.inputs)
     node.output.extend(op.outputs)
+    node.op_type = op.op_type
+    # proto2 fields: assign only what is set, so that untouched nodes serialize identically.
+    for field_name in ("domain", "name", "doc_string"):
+        if getattr(op, field_name):
+            setattr(node, field_name, getattr(op, field_name))
     if op.overload:
         node.overload = op.overload
     for name, value in op.attrs.items():
