@@ -151,9 +151,18 @@ def model_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by the model's initializers (in memory or referenced as external data)."""
+    """Bytes of stored parameters: initializers (in memory or external) plus Constant-node
+    tensors (paddle2onnx, for one, stores every weight as a Constant node)."""
+    tensors = list(model.graph.initializer)
+    tensors += [
+        attr.t
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attr in node.attribute
+        if attr.name == "value"
+    ]
     total = 0
-    for tensor in model.graph.initializer:
+    for tensor in tensors:
         if tensor.raw_data:
             total += len(tensor.raw_data)
         else:  # typed fields or external data: the declared shape tells the size

@@ -13,8 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from collections.abc import Iterator
+
 import onnx
-from onnx.external_data_helper import load_external_data_for_model
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from .graph_builder import weight_bytes
 
@@ -42,6 +44,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     try:
         staged_model = staging / target.name
         if needs_external_data(model):
+            tensors = list(_all_tensors(model.graph))
+            had_location = [t.HasField("data_location") for t in tensors]
             location = external_data_location(target)
             onnx.save_model(
                 model,
@@ -53,11 +57,30 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
             )
             os.replace(staging / location, target.parent / location)
             os.replace(staged_model, target)
-            # onnx moved the tensors' bytes out of `model` while writing; read them back.
-            load_external_data_for_model(model, str(target.parent))
+            # onnx moved the tensors' bytes out of `model` while writing; read them back and
+            # drop the field onnx set on the way, so the model serializes as before.
+            for tensor, had in zip(tensors, had_location):
+                if uses_external_data(tensor):
+                    load_external_data_for_tensor(tensor, str(target.parent))
+                    if not had:
+                        tensor.ClearField("data_location")
         else:
             onnx.save_model(model, staged_model)
             os.replace(staged_model, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors, subgraphs included: what external data can hold."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for subgraph in attr.graphs:
+                yield from _all_tensors(subgraph)
