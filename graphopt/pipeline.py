@@ -25,13 +25,31 @@ def _cleanup_passes() -> list[PipelineItem]:
             DeadCodeElimination()]
 
 
+def _folding_passes() -> list[PipelineItem]:
+    from graphopt.passes import folding
+    return [cls() for cls in folding.PASSES]
+
+
 def o1_pipeline() -> list[PipelineItem]:
-    return [Fixpoint("cleanup", _cleanup_passes())]
+    return [Fixpoint("cleanup", _folding_passes() + _cleanup_passes())]
+
+
+def o2_pipeline() -> list[PipelineItem]:
+    """Cleanup, then tensor-manipulation elimination to a fixpoint, then fusion."""
+    from graphopt.passes import concat_split, fusion, reshape, transpose
+    manipulation = [cls() for family in (transpose, concat_split, reshape) for cls in family.PASSES]
+    return [
+        Fixpoint("cleanup", _folding_passes() + _cleanup_passes()),
+        Fixpoint("manipulation", _folding_passes() + manipulation + _cleanup_passes(),
+                 max_iterations=16),
+        Fixpoint("fusion", [cls() for cls in fusion.PASSES] + _cleanup_passes()),
+    ]
 
 
 _BUILDERS: dict[str, Callable[[], list[PipelineItem]]] = {
     "O0": lambda: [],
     "O1": o1_pipeline,
+    "O2": o2_pipeline,
 }
 
 
