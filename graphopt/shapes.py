@@ -103,4 +103,10 @@ def _inference_model(graph: Graph, input_shapes: dict[str, Shape]) -> onnx.Model
                 elif isinstance(d, str):
                     dim.dim_param = d
     del model.graph.value_info[:]
+    if input_shapes:
+        # Declared output shapes were derived from the declared inputs; with inputs pinned to
+        # other shapes they would contradict inference, so outputs are re-derived.
+        for vi in model.graph.output:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
     return model
