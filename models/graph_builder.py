@@ -65,12 +65,21 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
-        """Expose `value` as graph output `name` (through an Identity if the names differ)."""
-        if value != name:
+        """Expose `value` as graph output `name`.
+
+        Like an exporter, the producing node's output is renamed to `name` (an Identity is added
+        only when that cannot be done: a graph input or a value already exposed).
+        """
+        producer = next((n for n in self.nodes if value in n.output), None)
+        exposed = {o.name for o in self.outputs}
+        if value != name and (producer is None or value in exposed):
             self._used_names.add(name)
             self.nodes.append(
                 helper.make_node("Identity", [value], [name], name=self._node_name("Identity"))
             )
+        elif value != name:
+            self._used_names.add(name)
+            _rename_value(self.nodes, value, name)
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
 
@@ -132,6 +141,14 @@ class GraphBuilder:
         if metadata:
             helper.set_model_props(model, metadata)
         return model
+
+
+def _rename_value(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
+    for node in nodes:
+        for slots in (node.input, node.output):
+            for i, name in enumerate(slots):
+                if name == old:
+                    slots[i] = new
 
 
 # --------------------------------------------------------------------- reusable snippets
