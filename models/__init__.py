@@ -145,7 +145,9 @@ def build(name: str, *, size: str = "default", seed: int = 0, large: bool = Fals
     return entry.build(size, seed, large)
 
 
-def example_inputs(name: str, model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+def example_inputs(
+    name: str, model: onnx.ModelProto, seed: int = 0, batch: int = 1
+) -> dict[str, np.ndarray]:
     """Valid feeds for `model` (built as `name`): ids within each table/vocabulary, masks of
     ones with some padding, images and dense features in realistic ranges. Seeded."""
     entry = _entry(name)

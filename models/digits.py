@@ -78,7 +78,8 @@ def build_digits_mlp(*, seed: int = 0) -> onnx.ModelProto:
     for i, (coef, intercept) in enumerate(layers):
         with b.scope(f"layer{i}"):
             w = b.weight(f"layer{i}.weight", coef.astype(np.float32))  # [in, out]: MatMul-ready
-            x = b.op("Add", [b.op("MatMul", [x, w]), b.weight(f"layer{i}.bias", intercept.astype(np.float32))])
+            bias = b.weight(f"layer{i}.bias", intercept.astype(np.float32))
+            x = b.op("Add", [b.op("MatMul", [x, w]), bias])
             if i < len(layers) - 1:
                 x = b.op("Relu", [x])
     probabilities = b.op("Softmax", [x], axis=-1)

@@ -168,7 +168,8 @@ def _mlp(
         w = rng.standard_normal((width, in_width), dtype=np.float32) * np.float32(std)
         bias = rng.standard_normal(width, dtype=np.float32) * np.float32(np.sqrt(1.0 / width))
         layer = 2 * i  # nn.Sequential index: Linear at even slots, ReLU at odd ones
-        x = gemm(b, x, b.weight(f"{prefix}.{layer}.weight", w), b.weight(f"{prefix}.{layer}.bias", bias))
+        w_name = b.weight(f"{prefix}.{layer}.weight", w)
+        x = gemm(b, x, w_name, b.weight(f"{prefix}.{layer}.bias", bias))
         if final_relu or i < len(widths) - 1:
             x = b.op("Relu", [x])
         in_width = width
@@ -211,7 +212,9 @@ def _pairwise_interaction(b: GraphBuilder, vectors: list[str], num_features: int
     return b.op("Gather", [flat, b.const(lower)], axis=1)
 
 
-def example_inputs(model: onnx.ModelProto, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+def example_inputs(
+    model: onnx.ModelProto, rng: np.random.Generator, batch: int
+) -> dict[str, np.ndarray]:
     """Dense features like log-scaled counts, ids within each table, bag lengths in 1..L."""
     meta = model_metadata(model)
     table_rows = [int(r) for r in meta["graphopt.models.dlrm.table_rows"].split(",")]

@@ -55,11 +55,13 @@ def light_input(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     for value in model.graph.input:
         if value.name in initializers:  # IR 3 lists every weight as a graph input too
             continue
-        shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim)
+        dims = value.type.tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
         count = int(np.prod(shape))
         feeds[value.name] = (np.arange(count).reshape(shape) / count).astype(np.float32)
     return feeds
 
 
 def description(name: str) -> str:
-    return f"{name.removeprefix(PREFIX)} from the onnx wheel's light zoo (opset 9, constant-filled weights)"
+    model = name.removeprefix(PREFIX)
+    return f"{model} from the onnx wheel's light zoo (opset 9, constant-filled weights)"

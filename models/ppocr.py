@@ -62,7 +62,9 @@ def ppocr_model_path(name: str) -> Path:
     """Path of the shipped .onnx file for `ppocr-det`, `ppocr-rec` or `ppocr-cls`."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(f"{name} needs the package '{PACKAGE}', which is not installed: {INSTALL}")
+        raise MissingExtraError(
+            f"{name} needs the package '{PACKAGE}', which is not installed: {INSTALL}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / MODEL_FILES[name]
     if not path.exists():
         raise MissingExtraError(f"{name}: {path} is missing from the installed {PACKAGE}; reinstall it")

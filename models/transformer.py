@@ -193,7 +193,8 @@ class _Weights:
     def linear_t(self, prefix: str) -> str:
         key = f"{prefix}.weight"
         if key not in self.names:  # constant-folded weight.T, named the way the exporter does
-            self.names[key] = self.b.weight(f"onnx::MatMul_{prefix}", np.ascontiguousarray(self.state[key].T))
+            transposed = np.ascontiguousarray(self.state[key].T)
+            self.names[key] = self.b.weight(f"onnx::MatMul_{prefix}", transposed)
         return self.names[key]
 
     def dense(self, x: str, prefix: str) -> str:
@@ -217,7 +218,8 @@ def add_bert_encoder(
                                       b.const(i64(1)), b.const(i64(1))])
         x = b.op("Gather", [w("embeddings.word_embeddings.weight"), input_ids], axis=0)
         if token_type_ids is not None:
-            types = b.op("Gather", [w("embeddings.token_type_embeddings.weight"), token_type_ids], axis=0)
+            type_table = w("embeddings.token_type_embeddings.weight")
+            types = b.op("Gather", [type_table, token_type_ids], axis=0)
             x = b.op("Add", [x, types])
         positions = b.op("Gather", [w("embeddings.position_embeddings.weight"), position_ids], axis=0)
         x = b.op("Add", [x, positions])
@@ -468,7 +470,9 @@ def padded_attention_mask(batch: int, seq: int) -> np.ndarray:
     return (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
 
 
-def encoder_example_inputs(model: onnx.ModelProto, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+def encoder_example_inputs(
+    model: onnx.ModelProto, rng: np.random.Generator, batch: int
+) -> dict[str, np.ndarray]:
     meta = model_metadata(model)
     vocab = int(meta["graphopt.models.transformer.vocab_size"])
     seq = int(meta["graphopt.models.transformer.example_seq"])
@@ -478,7 +482,9 @@ def encoder_example_inputs(model: onnx.ModelProto, rng: np.random.Generator, bat
     }
 
 
-def seq2seq_example_inputs(model: onnx.ModelProto, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+def seq2seq_example_inputs(
+    model: onnx.ModelProto, rng: np.random.Generator, batch: int
+) -> dict[str, np.ndarray]:
     meta = model_metadata(model)
     vocab = int(meta["graphopt.models.seq2seq.vocab_size"])
     past_len = int(meta["graphopt.models.seq2seq.example_past"])

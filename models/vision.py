@@ -323,7 +323,9 @@ def _with_overrides(presets: dict, size: str, **overrides: object):
     return dataclasses.replace(presets[size], **chosen)
 
 
-def example_inputs(model: onnx.ModelProto, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+def example_inputs(
+    model: onnx.ModelProto, rng: np.random.Generator, batch: int
+) -> dict[str, np.ndarray]:
     """An ImageNet-normalised image batch: roughly zero mean, unit variance per channel."""
     resolution = int(model_metadata(model)["graphopt.models.vision.resolution"])
     image = rng.standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
