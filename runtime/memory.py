@@ -1,0 +1,138 @@
+"""Buffer liveness and accounting for the runtime.
+
+Two concerns, both about intermediate tensors (weights and graph inputs are never counted):
+
+- Planning (`release_plan`, `inplace_candidates`): after which step each value dies, so that the
+  session drops it from its environment right after its last consumer, and which input slots of
+  a step hold a value dying there (a candidate buffer for in-place execution).
+- Accounting (`LiveBuffers`): bytes of live intermediates while a run goes on, with the peak. A
+  buffer shared by several views (a Reshape or Transpose of it, a Split part) is counted once:
+  every array is charged to the array owning its memory (its `.base` chain), with a reference
+  count of the environment entries pointing into it. The same count tells the session whether a
+  dying buffer is still visible through another live tensor (then it must not be overwritten).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def owner_of(array: np.ndarray) -> np.ndarray:
+    """The array that owns the memory `array` looks at (itself when it owns its data)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _arrays(value: Any) -> Iterable[np.ndarray]:
+    """The numpy arrays held by a runtime value (a tensor, a sequence of tensors, or None)."""
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _arrays(item)
+
+
+class LiveBuffers:
+    """Live intermediate bytes during a run, counted once per owning buffer, and their peak."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, list[int]] = {}  # id(owner) -> [references, nbytes]
+        self._external: set[int] = set()         # owners of weights and graph inputs
+        self.current = 0
+        self.peak = 0
+
+    def reset(self, external: Iterable[Any] = ()) -> None:
+        """Start a run; arrays in `external` (weights, feeds) and their views are never counted."""
+        self._owners.clear()
+        self._external = {id(owner_of(a)) for value in external for a in _arrays(value)}
+        self.current = 0
+        self.peak = 0
+
+    def add_external(self, values: Iterable[Any]) -> None:
+        self._external.update(id(owner_of(a)) for value in values for a in _arrays(value))
+
+    def add_external_ids(self, owner_ids: Iterable[int]) -> None:
+        """Owners (by id) known to be weights, precomputed once per plan."""
+        self._external.update(owner_ids)
+
+    def add(self, value: Any) -> None:
+        """A new environment entry points at `value`."""
+        for array in _arrays(value):
+            owner = owner_of(array)
+            key = id(owner)
+            if key in self._external:
+                continue
+            entry = self._owners.get(key)
+            if entry is None:
+                self._owners[key] = [1, owner.nbytes]
+                self.current += owner.nbytes
+                if self.current > self.peak:
+                    self.peak = self.current
+            else:
+                entry[0] += 1
+
+    def remove(self, value: Any) -> None:
+        """An environment entry pointing at `value` was dropped."""
+        for array in _arrays(value):
+            key = id(owner_of(array))
+            entry = self._owners.get(key)
+            if entry is None:
+                continue
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.current -= entry[1]
+                del self._owners[key]
+
+    def references(self, array: np.ndarray) -> int:
+        """How many environment entries point into the memory of `array` (external: a lot)."""
+        key = id(owner_of(array))
+        if key in self._external:
+            return 1 << 30
+        entry = self._owners.get(key)
+        return 0 if entry is None else entry[0]
+
+
+def last_uses(step_reads: Sequence[Iterable[str]]) -> dict[str, int]:
+    """Index of the last step reading each name."""
+    last: dict[str, int] = {}
+    for index, names in enumerate(step_reads):
+        for name in names:
+            if name:
+                last[name] = index
+    return last
+
+
+def release_plan(step_reads: Sequence[Iterable[str]], step_writes: Sequence[Iterable[str]],
+                 keep: Iterable[str]) -> list[tuple[str, ...]]:
+    """Per step, the values it produced or read that die right after it.
+
+    A value dies after its last reader; a value nobody reads dies right after the step producing
+    it (an unused optional output such as a Dropout mask). Names in `keep` (the requested
+    outputs) never die. Only values written by some step are planned: weights and graph inputs
+    stay with their owners.
+    """
+    keep = set(keep)
+    produced = {name for names in step_writes for name in names if name}
+    last = last_uses(step_reads)
+    releases: list[list[str]] = [[] for _ in step_reads]
+    for index, names in enumerate(step_writes):
+        for name in names:
+            if name and name not in keep and name not in last:
+                releases[index].append(name)
+    for name, index in last.items():
+        if name in produced and name not in keep:
+            releases[index].append(name)
+    return [tuple(dict.fromkeys(r)) for r in releases]
+
+
+def inplace_candidates(reads: Sequence[str], dying: Iterable[str], owned: set[str],
+                       slots: Sequence[int]) -> tuple[int, ...]:
+    """Input slots (among those a kernel accepts as `out`) whose value dies at this step and is an
+    intermediate this graph produced (never a weight, graph input or outer-scope value)."""
+    dying = set(dying)
+    return tuple(s for s in slots
+                 if s < len(reads) and reads[s] and reads[s] in dying and reads[s] in owned)

@@ -1,0 +1,583 @@
+"""Session: build a graph into a plan once, run it many times.
+
+    session = Session("model.onnx", profile=True)
+    outputs = session.run({"x": x})           # {output name: array}
+    session.peak_bytes                         # live intermediate bytes at the peak of that run
+    print(session.profile.table())             # where the time went, by op type
+
+Build (once, in the constructor):
+- Weights become read-only arrays. Ops computing constants (Constant, and any op whose inputs
+  are all weights, such as the ConstantOfShape weights of onnx's light models) are evaluated
+  once here and join them.
+- One kernel per op, from the registry by (domain, op_type) and the model's opset for that
+  domain; the factory gets the op's attributes and constant inputs (`KernelNode`). Every op
+  without a kernel is named in one UnsupportedOpError, raised here rather than mid-run.
+- Subgraphs (If branches, Loop/Scan bodies) are built the same way by the control kernels,
+  through `KernelNode.services`.
+
+Plan (per set of requested outputs, cached): the ops those outputs need in topological order,
+fused epilogue groups, and a release list per step: every intermediate is dropped from the
+environment right after its last consumer (runtime/memory.py), so its buffer is freed as soon as
+nothing else points into it.
+
+In place: a kernel that accepts `out=` lists the input slots whose buffer may take its output
+(`fn.inplace_slots`, see registry.py). The plan keeps, per step, the slots whose value dies at
+that step and was produced inside this graph (never a weight, graph input or outer-scope value);
+at run time the buffer is reused only if it is writeable and no other live tensor points into its
+memory (a view of it, or the array it is a view of: `LiveBuffers.references`). Weights, Constant
+outputs and feeds are handed to kernels as read-only views, so neither they nor anything viewing
+them can be overwritten.
+
+Fused epilogues: an op whose meta has `graphopt.fuse_into=<name of an earlier op>` is an
+elementwise epilogue (Relu, Clip, LeakyRelu, Sigmoid, HardSigmoid, HardSwish, Tanh, or Add/Sum of a
+residual) of that head op (Conv, Gemm, MatMul, ConvTranspose). The plan merges the head and its
+epilogue chain into one step: the head runs, then each epilogue runs with `out=` the head's
+output buffer, so the chain allocates no further full-size tensor and the intermediates never
+enter the environment. The step sits where the last epilogue was in topological order, so every
+other input (the residual) is ready. Fusion happens only when the meta is present and it is safe:
+the epilogue is one of the ops above and its kernel accepts `out=` on the slot reading the chain,
+the chained value has exactly that one reader and is neither a graph output nor a requested
+output, and the head has a single output; otherwise the ops run unfused. At run time an epilogue
+whose output would not fit the buffer (broadcast to a larger shape, another dtype) allocates
+instead.
+
+Profiling (`profile=True`): each kernel call is timed with time.perf_counter and accumulated per
+op across runs in `session.profile` (runtime/profile.py); a control-flow op's time includes its
+subgraphs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.errors import GraphoptError, UnsupportedOpError, UsageError
+from graphopt.ir import IMPLICIT, Graph, Op, onnx_to_np_dtype
+from graphopt.runtime import memory
+from graphopt.runtime.kernels import registry
+from graphopt.runtime.kernels.registry import KernelFn, KernelNode
+from graphopt.runtime.profile import Profile
+
+#: Op meta key naming the head op an elementwise epilogue is fused into.
+FUSE_META = "graphopt.fuse_into"
+#: Ops that may run as a fused epilogue on their head's output buffer.
+EPILOGUE_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+                          "Tanh", "Add", "Sum"})
+
+
+#: Ops never evaluated at build time even when their inputs are constant.
+_NEVER_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                         "Bernoulli", "Multinomial"})
+
+
+class KernelFailure(GraphoptError):
+    """A kernel raised while running (names the op); exit code 1."""
+
+
+def readonly(array: Any) -> Any:
+    """A read-only view of an array (other values are returned as they are)."""
+    if isinstance(array, np.ndarray) and array.flags.writeable:
+        array = array.view()
+        array.flags.writeable = False
+    return array
+
+
+# ---------------------------------------------------------------------------------------------
+# plan data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Kernel:
+    """An op with its built kernel."""
+
+    op: Op
+    label: str                      # unique display name (profile key)
+    fn: KernelFn
+    inplace_slots: tuple[int, ...]
+    needs_scope: bool
+
+
+@dataclass
+class _Epilogue:
+    kernel: _Kernel
+    slot: int                       # input slot that reads the chain's buffer
+    inputs: tuple[str, ...]         # input names; inputs[slot] is the chained value
+
+
+@dataclass
+class _Step:
+    kernel: _Kernel
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]        # for a fused group: the last epilogue's output
+    release: tuple[str, ...] = ()
+    inplace: tuple[int, ...] = ()   # slots whose (dying) buffer may take the output
+    epilogues: tuple[_Epilogue, ...] = ()
+
+
+@dataclass
+class _Plan:
+    steps: list[_Step]
+    outputs: tuple[str, ...]
+    fused: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# a built graph (the model's, or a subgraph's)
+# ---------------------------------------------------------------------------------------------
+class GraphProgram:
+    """A graph with its kernels built; runs it for any set of requested outputs."""
+
+    def __init__(self, graph: Graph, services: _Services) -> None:
+        self.graph = graph
+        self.services = services
+        #: Weights and folded Constant outputs, read-only. Initializers that are also graph
+        #: inputs are defaults a feed may override.
+        self.consts: dict[str, Any] = {}
+        self.defaults: dict[str, Any] = {}
+        #: Names this graph reads from enclosing graphs.
+        self.outer_names = [v.name for v in graph.values.values() if v.outer]
+        for value in graph.values.values():
+            if value.outer or not value.is_const:
+                continue
+            array = readonly(value.const)
+            if graph.is_input(value.name):
+                self.defaults[value.name] = array
+            else:
+                self.consts[value.name] = array
+        self.order: list[Op] = []
+        self.kernels: dict[int, _Kernel] = {}
+        self._build_kernels()
+        self._const_owner_ids = {id(memory.owner_of(a)) for a in self.consts.values()
+                                 if isinstance(a, np.ndarray)}
+        self._plans: dict[tuple[str, ...], _Plan] = {}
+
+    # -- build -------------------------------------------------------------------------------
+    def _build_kernels(self) -> None:
+        graph = self.graph
+        missing: dict[str, int] = {}
+        labels: set[str] = set()
+        for op in graph.topological_ops():
+            try:
+                factory = registry.lookup(op.op_type, op.domain, graph.opset(op.domain))
+            except UnsupportedOpError:
+                key = f"{op.domain}.{op.op_type}" if op.domain else op.op_type
+                missing[key] = missing.get(key, 0) + 1
+                continue
+            if missing:
+                continue  # keep collecting the missing ones; nothing will run anyway
+            node = KernelNode(op=op, graph=graph, opset=graph.opset(op.domain),
+                              consts=[self.consts.get(n) if n else None for n in op.inputs],
+                              services=self.services)
+            try:
+                fn = factory(node)
+            except GraphoptError:
+                raise
+            except Exception as exc:
+                raise GraphoptError(f"cannot build the kernel of {op.op_type} op "
+                                    f"{op.name!r}: {type(exc).__name__}: {exc}") from exc
+            label = op.name if op.name and op.name not in labels else f"{op.op_type}#{op.id}"
+            labels.add(label)
+            kernel = _Kernel(op, label, fn, tuple(getattr(fn, "inplace_slots", ())),
+                             bool(getattr(fn, "needs_scope", False)))
+            if self._foldable(op) and self._fold(kernel, node.consts):
+                continue
+            self.order.append(op)
+            self.kernels[op.id] = kernel
+        if missing:
+            names = ", ".join(f"{k} ({n} ops)" if n > 1 else k for k, n in sorted(missing.items()))
+            where = "" if graph.parent is None else f" (in subgraph {graph.name!r})"
+            raise UnsupportedOpError(f"the graphopt runtime has no kernel for: {names}{where}")
+
+    def _foldable(self, op: Op) -> bool:
+        """Whether an op computes a constant: every input is a weight (or omitted), it has no
+        subgraph and no randomness. ConstantOfShape weights of the light models are such ops."""
+        if op.domain or op.op_type in _NEVER_FOLD or any(True for _ in op.subgraphs()):
+            return False
+        return all(not n or n in self.consts for n in op.inputs)
+
+    def _fold(self, kernel: _Kernel, consts: list[Any]) -> bool:
+        """Evaluate a constant op once at build; its outputs become weights. False when it
+        fails (it then runs, and fails, at run time with a proper message)."""
+        try:
+            with np.errstate(all="ignore"):
+                values = kernel.fn(*consts)
+        except Exception:
+            return False
+        for name, value in zip(kernel.op.outputs, values):
+            if name:
+                self.consts[name] = readonly(value)
+        return True
+
+    # -- plan --------------------------------------------------------------------------------
+    def plan(self, outputs: Sequence[str]) -> _Plan:
+        key = tuple(outputs)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(key)
+        return plan
+
+    def _reads(self, op: Op) -> list[str]:
+        """Every name an op reads: explicit inputs, then outer values its subgraphs use."""
+        reads = [n for n in op.inputs if n]
+        reads += [u.name for u, _, k in self.graph.nx.in_edges(op, keys=True) if k == IMPLICIT]
+        return reads
+
+    def _needed_ops(self, outputs: tuple[str, ...]) -> list[Op]:
+        graph = self.graph
+        wanted = set(outputs)
+        needed: set[int] = set()
+        for op in reversed(self.order):
+            if any(n in wanted for n in op.outputs if n):
+                needed.add(op.id)
+                wanted.update(self._reads(op))
+        return [op for op in self.order if op.id in needed]
+
+    def _make_plan(self, outputs: tuple[str, ...]) -> _Plan:
+        graph = self.graph
+        for name in outputs:
+            if name not in graph.values:
+                shown = ", ".join(graph.outputs)
+                raise UsageError(f"no value named {name!r} in the model (its outputs: {shown})")
+        ops = self._needed_ops(outputs)
+        if self.services.fuse:
+            groups = self._fusion_groups(ops, set(outputs))
+        else:
+            groups = {}
+        members = {ep.id for chain in groups.values() for ep in chain}
+        position = {op.id: i for i, op in enumerate(ops)}
+        # A fused group runs where its last epilogue was: all of the group's inputs exist there.
+        slots: list[tuple[int, Op]] = []
+        for op in ops:
+            if op.id in members:
+                continue
+            chain = groups.get(op.id, [])
+            slots.append((position[chain[-1].id] if chain else position[op.id], op))
+        slots.sort(key=lambda item: item[0])
+
+        steps: list[_Step] = []
+        reads: list[list[str]] = []
+        writes: list[list[str]] = []
+        fused: list[tuple[str, tuple[str, ...]]] = []
+        for _, op in slots:
+            kernel = self.kernels[op.id]
+            chain = groups.get(op.id, [])
+            step_reads = self._reads(op)
+            epilogues = []
+            carried = op.outputs[0] if chain else None
+            for ep in chain:
+                slot = ep.inputs.index(carried)
+                epilogues.append(_Epilogue(self.kernels[ep.id], slot, ep.inputs))
+                step_reads += [n for n in self._reads(ep) if n != carried]
+                carried = ep.outputs[0]
+            step_outputs = (carried,) if chain else op.outputs
+            steps.append(_Step(kernel, op.inputs, step_outputs, epilogues=tuple(epilogues)))
+            reads.append(step_reads)
+            writes.append([n for n in step_outputs if n])
+            if chain:
+                fused.append((kernel.label, tuple(self.kernels[e.id].label for e in chain)))
+        releases = memory.release_plan(reads, writes, outputs)
+        owned = {n for names in writes for n in names}
+        for step, release in zip(steps, releases):
+            step.release = release
+            if self.services.inplace and not step.epilogues and step.kernel.inplace_slots:
+                step.inplace = memory.inplace_candidates(step.inputs, release, owned,
+                                                         step.kernel.inplace_slots)
+        return _Plan(steps, outputs, fused)
+
+    def _fusion_groups(self, ops: list[Op], keep: set[str]) -> dict[int, list[Op]]:
+        """head op id -> its epilogue chain, for the epilogues safe to fuse (see module doc)."""
+        graph = self.graph
+        by_name = {op.name: op for op in ops if op.name}
+        in_plan = {op.id for op in ops}
+        groups: dict[int, list[Op]] = {}
+        head_of: dict[int, int] = {}   # epilogue id -> head id
+        for op in ops:
+            target = op.meta.get(FUSE_META)
+            if not target or op.op_type not in EPILOGUE_OPS or op.domain:
+                continue
+            named = by_name.get(target)
+            if named is None:
+                continue
+            head_id = head_of.get(named.id, named.id)
+            head = graph.ops[head_id]
+            if head_id in head_of or head_id not in in_plan or len(head.outputs) != 1 \
+                    or not head.outputs[0]:
+                continue
+            chain = groups.get(head_id, [])
+            carried = (chain[-1] if chain else head).outputs[0]
+            kernel = self.kernels[op.id]
+            if len(op.outputs) != 1 or op.inputs.count(carried) != 1:
+                continue
+            slot = op.inputs.index(carried)
+            consumers = graph.consumers(carried, implicit=True)
+            if slot not in kernel.inplace_slots or len(consumers) != 1 \
+                    or consumers[0][0] is not op or carried in keep or graph.is_output(carried) \
+                    or op.id not in in_plan:
+                continue
+            groups.setdefault(head_id, []).append(op)
+            head_of[op.id] = head_id
+        return groups
+
+    # -- run ---------------------------------------------------------------------------------
+    def start_env(self) -> dict[str, Any]:
+        env = dict(self.defaults)
+        env.update(self.consts)
+        return env
+
+    def external_ids(self) -> set[int]:
+        return self._const_owner_ids
+
+    def execute(self, plan: _Plan, env: dict[str, Any], live: memory.LiveBuffers,
+                profile: Profile | None) -> None:
+        """Run the plan's steps over `env` (inputs, weights and outer values already in it)."""
+        step = None
+        try:
+            for step in plan.steps:
+                kernel = step.kernel
+                args = [env[n] if n else None for n in step.inputs]
+                kwargs: dict[str, Any] = {}
+                if kernel.needs_scope:
+                    kwargs["scope"] = env
+                if step.inplace:
+                    out = _reusable(args, step.inplace, live)
+                    if out is not None:
+                        kwargs["out"] = out
+                if profile is None:
+                    results = kernel.fn(*args, **kwargs)
+                else:
+                    start = time.perf_counter()
+                    results = kernel.fn(*args, **kwargs)
+                    profile.add(kernel.label, kernel.op.op_type, time.perf_counter() - start)
+                if step.epilogues:
+                    env[step.outputs[0]] = self._run_epilogues(step, results[0], env, live, profile)
+                else:
+                    for name, value in zip(step.outputs, results):
+                        if name:
+                            env[name] = value
+                            live.add(value)
+                for name in step.release:
+                    live.remove(env.pop(name, None))
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            if step is None:
+                raise
+            op = step.kernel.op
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise KernelFailure(f"{op.op_type} op {step.kernel.label!r} failed: "
+                                f"{type(exc).__name__}: {message}") from exc
+
+    def _run_epilogues(self, step: _Step, buffer: Any, env: dict[str, Any],
+                       live: memory.LiveBuffers, profile: Profile | None) -> Any:
+        """Apply a fused epilogue chain in place on the head's output buffer."""
+        live.add(buffer)
+        for ep in step.epilogues:
+            args = [env[n] if n else None for n in ep.inputs]
+            args[ep.slot] = buffer
+            fits = _reusable(args, (ep.slot,), live) is not None
+            start = time.perf_counter() if profile is not None else 0.0
+            result = (ep.kernel.fn(*args, out=buffer) if fits else ep.kernel.fn(*args))[0]
+            if profile is not None:
+                profile.add(ep.kernel.label, ep.kernel.op.op_type, time.perf_counter() - start)
+            if result is not buffer:
+                live.add(result)
+                live.remove(buffer)
+                buffer = result
+        return buffer
+
+
+def _reusable(args: list[Any], slots: tuple[int, ...], live: memory.LiveBuffers) -> np.ndarray | None:
+    """The first candidate input whose buffer can take the output (see module doc)."""
+    for slot in slots:
+        cand = args[slot]
+        if not isinstance(cand, np.ndarray) or not cand.flags.writeable \
+                or live.references(cand) != 1:
+            continue
+        shape = cand.shape
+        fits = True
+        for other in args:
+            if other is cand or other is None:
+                continue
+            other_shape = np.shape(other)
+            if other_shape != shape:
+                try:
+                    fits = np.broadcast_shapes(shape, other_shape) == shape
+                except ValueError:
+                    fits = False
+                if not fits:
+                    break
+        if fits:
+            return cand
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# services for control-flow kernels
+# ---------------------------------------------------------------------------------------------
+class _Services:
+    """What kernels may ask of the session at build time: building and running subgraphs."""
+
+    def __init__(self, inplace: bool, fuse: bool) -> None:
+        self.inplace = inplace
+        self.fuse = fuse
+        self.live = memory.LiveBuffers()
+
+    def compile(self, graph: Graph) -> SubgraphRunner:
+        return SubgraphRunner(GraphProgram(graph, self))
+
+
+class SubgraphRunner:
+    """Runs a subgraph (If branch, Loop/Scan body) with outer-scope values visible."""
+
+    def __init__(self, program: GraphProgram) -> None:
+        self.program = program
+        self.graph = program.graph
+        self.input_names = list(program.graph.inputs)
+        self.output_names = list(program.graph.outputs)
+        self._plan = program.plan(tuple(self.output_names))
+        produced = {n for step in self._plan.steps for n in step.outputs if n}
+        self._produced_outputs = [n for n in dict.fromkeys(self.output_names) if n in produced]
+
+    def run(self, scope: Mapping[str, Any], inputs: Sequence[Any] = ()) -> list[Any]:
+        """Outputs of the subgraph for `inputs` (in its input order); outer names from `scope`."""
+        program = self.program
+        env = program.start_env()
+        for name in program.outer_names:
+            env[name] = scope[name]
+        for name, value in zip(self.input_names, inputs):
+            env[name] = value
+        live = program.services.live
+        program.execute(self._plan, env, live, None)
+        outputs = [env[name] for name in self.output_names]
+        for name in self._produced_outputs:   # the caller takes over the outputs' buffers
+            live.remove(env[name])
+        return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# the session
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input as the session checks it: name, numpy dtype (None = any), shape (None =
+    unknown rank; dims are ints, symbols or None)."""
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int | str | None, ...] | None
+    has_default: bool = False
+    is_tensor: bool = True
+
+    def describe(self) -> str:
+        dtype = self.dtype.name if self.dtype is not None else "?"
+        if self.shape is None:
+            return f"{dtype}[...]"
+        dims = ",".join("?" if d is None else str(d) for d in self.shape)
+        return f"{dtype}[{dims}]"
+
+
+class Session:
+    """Runs a model with graphopt's numpy kernels. See the module docstring."""
+
+    def __init__(self, model: Graph | str | os.PathLike | onnx.ModelProto | bytes,
+                 profile: bool = False, *, inplace: bool = True, fuse: bool = True) -> None:
+        import graphopt.runtime.kernels  # noqa: F401  (registers every kernel)
+        if isinstance(model, Graph):
+            graph = model
+        else:
+            from graphopt.onnx_io import load
+            graph = load(model)
+        self.graph = graph
+        self._services = _Services(inplace=inplace, fuse=fuse)
+        self._program = GraphProgram(graph, self._services)
+        self.inputs = [self._spec(name) for name in graph.inputs]
+        self.outputs = list(graph.outputs)
+        self.profile: Profile | None = Profile() if profile else None
+        #: Peak bytes of live intermediate tensors during the last run (weights and graph inputs
+        #: excluded; a buffer shared by views counted once).
+        self.peak_bytes = 0
+        self._program.plan(tuple(self.outputs))   # plan errors surface at build time
+
+    def _spec(self, name: str) -> InputSpec:
+        value = self.graph.values[name]
+        is_tensor = value.type_proto is None or value.type_proto.HasField("tensor_type")
+        dtype = None
+        if is_tensor and value.dtype:
+            try:
+                dtype = onnx_to_np_dtype(value.dtype)
+            except (KeyError, TypeError, ValueError):
+                dtype = None
+        return InputSpec(name, dtype, value.shape if is_tensor else None,
+                         name in self._program.defaults, is_tensor)
+
+    @property
+    def fused(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(head op, epilogue ops) of each fused group in the plan for the graph's outputs."""
+        return list(self._program.plan(tuple(self.outputs)).fused)
+
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None
+            ) -> dict[str, Any]:
+        """Run the model; returns {output name: array}. `output_names` may name any value of
+        the graph (intermediates too), default: the graph's outputs."""
+        names = tuple(self.outputs if output_names is None else output_names)
+        plan = self._program.plan(names)
+        checked = self.check_feeds(feeds)
+        env = self._program.start_env()
+        env.update(checked)
+        live = self._services.live
+        live.reset(external=checked.values())
+        live.add_external_ids(self._program.external_ids())
+        with np.errstate(all="ignore"):   # inf/nan are values in ONNX, not warnings
+            self._program.execute(plan, env, live, self.profile)
+        if self.profile is not None:
+            self.profile.runs += 1
+        self.peak_bytes = live.peak
+        return {name: env[name] for name in names}
+
+    def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Feeds checked against the input specs, as read-only arrays; UsageError (one line)
+        for an unknown or missing name, a wrong dtype, a wrong rank or a fixed dim mismatch."""
+        if not isinstance(feeds, Mapping):
+            raise UsageError("feeds must be a dict of input name -> numpy array")
+        specs = {spec.name: spec for spec in self.inputs}
+        checked: dict[str, Any] = {}
+        for name, value in feeds.items():
+            spec = specs.get(name)
+            if spec is None:
+                expected = ", ".join(specs) or "none"
+                raise UsageError(f"unknown input {name!r}; the model's inputs are: {expected}")
+            checked[name] = readonly(self._check_one(spec, value))
+        for spec in self.inputs:
+            if spec.name not in checked and not spec.has_default:
+                raise UsageError(f"missing input {spec.name!r} ({spec.describe()})")
+        return checked
+
+    @staticmethod
+    def _check_one(spec: InputSpec, value: Any) -> Any:
+        if not spec.is_tensor:
+            return value
+        if not isinstance(value, np.ndarray):
+            try:
+                value = np.asarray(value, dtype=spec.dtype)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"input {spec.name!r} is not convertible to an array of "
+                                 f"{spec.describe()}: {exc}") from None
+        if spec.dtype is not None and value.dtype != spec.dtype:
+            raise UsageError(f"input {spec.name!r} has dtype {value.dtype}, the model expects "
+                             f"{spec.dtype} ({spec.describe()})")
+        if spec.shape is not None:
+            if value.ndim != len(spec.shape):
+                raise UsageError(f"input {spec.name!r} has shape {tuple(value.shape)} (rank "
+                                 f"{value.ndim}), the model expects rank {len(spec.shape)}: "
+                                 f"{spec.describe()}")
+            for axis, (dim, want) in enumerate(zip(value.shape, spec.shape)):
+                if isinstance(want, int) and dim != want:
+                    raise UsageError(f"input {spec.name!r} has {dim} at dim {axis}, the model "
+                                     f"expects {want} ({spec.describe()}, got "
+                                     f"{tuple(value.shape)})")
+        return value
