@@ -15,11 +15,15 @@ from graphopt.ir import Graph
 from graphopt.onnx_io import EXTERNAL_DATA_THRESHOLD, save, to_model, weight_bytes
 
 
-def onnxruntime_session(graph: Graph, threads: int = 1, level: str = "all"):
+def onnxruntime_session(graph: Graph, threads: int = 1, level: str = "all",
+                        profile: bool = False):
     """An onnxruntime InferenceSession for the graph (through a temporary file for >2 GB)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), "graphopt_ort_profile")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
