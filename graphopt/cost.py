@@ -213,7 +213,8 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 
 
 def op_label(op: Op) -> str:
-    """A stable display name for an op: its name, or op_type#id when it has none."""
+    """A display name for an op: its name, or op_type#id when it has none (the runtime
+    profiler's key; `analyze_model` also falls back to op_type#id for a repeated name)."""
     return op.name or f"{op.op_type}#{op.id}"
 
 
@@ -248,7 +249,14 @@ def analyze_model(graph: Graph, input_shapes: Mapping[str, Shape] | None = None,
                                  f"with --shape {name}=" + ",".join(
                                      str(d) if isinstance(d, int) else "N"
                                      for d in (shape or ("N",))))
-    costs = [op_cost(graph, op, ctx) for op in graph.topological_ops()]
+    costs, labels = [], set()
+    for op in graph.topological_ops():
+        cost = op_cost(graph, op, ctx)
+        # Unique like the runtime profiler's keys: a repeated name falls back to op_type#id.
+        if cost.name in labels:
+            cost.name = f"{op.op_type}#{op.id}"
+        labels.add(cost.name)
+        costs.append(cost)
     params, weight_bytes = _count_params(graph, ctx)
     static_inputs = {n: tuple(ctx.shape(n)) for n in _runtime_inputs(graph)  # type: ignore[arg-type]
                      if ctx.static_shape(n) is not None}
