@@ -213,8 +213,13 @@ def add_bert_encoder(
     """Add BertModel's embeddings and encoder; return the last hidden state [B, S, hidden]."""
     w = _Weights(b, state)
     with b.scope("embeddings"):
+        if "embeddings.position_ids" in state:
+            position_buffer = w("embeddings.position_ids")
+        else:  # newer checkpoints drop the buffer; it is always arange(max_positions)
+            arange = np.arange(config.max_positions, dtype=np.int64)[None, :]
+            position_buffer = b.weight("embeddings.position_ids", arange)
         seq_len = _as_1d(b, _dim(b, input_ids, 1))
-        position_ids = b.op("Slice", [w("embeddings.position_ids"), b.const(i64(0)), seq_len,
+        position_ids = b.op("Slice", [position_buffer, b.const(i64(0)), seq_len,
                                       b.const(i64(1)), b.const(i64(1))])
         x = b.op("Gather", [w("embeddings.word_embeddings.weight"), input_ids], axis=0)
         if token_type_ids is not None:
