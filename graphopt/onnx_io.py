@@ -206,6 +206,8 @@ def _load_graph(gproto: onnx.GraphProto, parent: Graph | None, base_dir: str | N
     graph.template = template
 
     def declare(name: str) -> Value:
+        if not isinstance(name, str):
+            raise IRError(f"value name {name!r} is not valid UTF-8")
         if name in graph.values:
             return graph.values[name]
         return graph.add_value(name)
@@ -272,6 +274,9 @@ def _load_graph(gproto: onnx.GraphProto, parent: Graph | None, base_dir: str | N
 
 
 def _load_node(graph: Graph, node: onnx.NodeProto, base_dir: str | None) -> Op:
+    for text in (node.op_type, node.domain, node.name, *node.input, *node.output):
+        if not isinstance(text, str):  # protobuf hands back bytes for invalid UTF-8
+            raise IRError(f"node {node.name!r} has a name or type that is not valid UTF-8: {text!r}")
     attrs: dict[str, Any] = {}
     attr_types: dict[str, int] = {}
     attr_protos: dict[str, onnx.AttributeProto] = {}
