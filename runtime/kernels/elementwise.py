@@ -458,7 +458,36 @@ _FLOAT8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
            onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ}
 
 
-def cast(x: np.ndarray, to: int, saturate: bool = True) -> np.ndarray:
+def to_float8e8m0(x: np.ndarray, saturate: bool, round_mode: str) -> np.ndarray:
+    """FLOAT8E8M0 (a bare power of two, 2^(e-127), e = 255 is NaN) from a float array.
+
+    The exponent of the float32 value is kept; `up` adds one when any fraction bit is set,
+    `nearest` when the fraction is at least one half, `down` never. Saturation holds the largest
+    finite code (254) for overflow and infinity; without it, those and 0 become NaN.
+    """
+    import ml_dtypes
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    exponent = ((bits >> 23) & 0xFF).astype(np.uint16)
+    fraction = bits & 0x7FFFFF
+    special = exponent == 0xFF
+    if round_mode == "up":
+        bump = fraction > 0
+    elif round_mode == "nearest":
+        bump = fraction >= 0x400000
+    else:
+        bump = np.zeros(bits.shape, dtype=bool)
+    bump &= ~special
+    if saturate:
+        bump &= exponent < 0xFE
+        exponent[special & ~np.isnan(x)] = 0xFE
+    else:
+        exponent[np.asarray(x) == 0] = 0xFF
+    exponent = np.minimum(exponent + bump, 0xFF)
+    exponent[np.isnan(x)] = 0xFF
+    return exponent.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
+
+
+def cast(x: np.ndarray, to: int, saturate: bool = True, round_mode: str = "up") -> np.ndarray:
     """ONNX Cast of an array to element type `to` (see the Cast spec)."""
     if to == onnx.TensorProto.STRING:
         if x.dtype.kind in "OUS":
@@ -469,6 +498,8 @@ def cast(x: np.ndarray, to: int, saturate: bool = True) -> np.ndarray:
         return x
     if x.dtype.kind in "OUS":
         return _cast_strings(x, dtype)
+    if to == onnx.TensorProto.FLOAT8E8M0:
+        return to_float8e8m0(x.astype(np.float32), saturate, round_mode)
     if to in _FLOAT8 and saturate and x.dtype.kind == "f":
         import ml_dtypes
         limit = float(ml_dtypes.finfo(dtype).max)
@@ -495,17 +526,19 @@ def _cast_strings(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _cast(node: KernelNode):
     to = int(node.attr("to"))
     saturate = bool(node.attr("saturate", 1))
-    return lambda x: (_arr(cast(x, to, saturate)),)
+    round_mode = node.attr("round_mode", "up")
+    return lambda x: (_arr(cast(x, to, saturate, round_mode)),)
 
 
 @kernel("CastLike")
 def _cast_like(node: KernelNode):
     saturate = bool(node.attr("saturate", 1))
+    round_mode = node.attr("round_mode", "up")
 
     def run(x, like):
         if like.dtype.kind in "OUS":
             return (cast(x, onnx.TensorProto.STRING),)
         from graphopt.ir import np_dtype_to_onnx
-        return (_arr(cast(x, np_dtype_to_onnx(like.dtype), saturate)),)
+        return (_arr(cast(x, np_dtype_to_onnx(like.dtype), saturate, round_mode)),)
     return run
 

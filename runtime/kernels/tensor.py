@@ -206,10 +206,12 @@ def _depth_to_space(node: KernelNode):
 @kernel("SpaceToDepth")
 def _space_to_depth(node: KernelNode):
     block = int(node.attr("blocksize"))
+    # DCR: output channel = (by * block + bx) * C + c;  CRD: c * block^2 + by * block + bx
+    order = (0, 3, 5, 1, 2, 4) if node.attr("mode", "DCR") == "DCR" else (0, 1, 3, 5, 2, 4)
 
     def run(x):
         n, c, h, w = x.shape
-        y = x.reshape(n, c, h // block, block, w // block, block).transpose(0, 3, 5, 1, 2, 4)
+        y = x.reshape(n, c, h // block, block, w // block, block).transpose(order)
         return (y.reshape(n, c * block * block, h // block, w // block),)
     return run
 
