@@ -580,12 +580,16 @@ class Graph:
 
     def const_value(self, value: Value | str) -> np.ndarray | None:
         """The data of a value a pass may treat as constant: an initializer that is not also a
-        graph input (an input with an initializer is only a default the user may override)."""
+        graph input (an input with an initializer is only a default the user may override).
+        Before IR version 4 every initializer had to be listed as an input too, so there the
+        listing means nothing and the initializer is a constant (as onnxruntime treats it)."""
         if isinstance(value, str):
             if not value:
                 return None
             value = self.values[value]
-        if not value.is_const or value.outer or self.is_input(value):
+        if not value.is_const or value.outer:
+            return None
+        if self.is_input(value) and (self.root.model is None or self.root.model.ir_version >= 4):
             return None
         return value.const
 

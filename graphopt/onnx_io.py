@@ -366,9 +366,15 @@ def _graph_proto(graph: Graph) -> onnx.GraphProto:
         gp.input.append(_value_info(graph.values[name]))
     for name in graph.outputs:
         gp.output.append(_value_info(graph.values[name]))
+    # IR < 4 requires every initializer of the main graph to be listed as an input as well.
+    list_initializers = graph.parent is None and graph.model is not None \
+        and graph.model.ir_version < 4
+    listed = set(graph.inputs)
     for value in graph.values.values():
         if value.outer or not value.is_const:
             continue
+        if list_initializers and value.name not in listed:
+            gp.input.append(_value_info(value))
         if value.sparse_proto is not None and value._array is None:
             gp.sparse_initializer.append(value.sparse_proto)
             continue
