@@ -164,3 +164,24 @@ def test_bad_input_via_real_process(tmp_path):
                            str(tmp_path / "o.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_models_list_and_build(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "models", "list")
+    names = [line.split()[0] for line in out.strip().splitlines()]
+    assert code == 0
+    for name in ("dlrm", "resnext", "shufflenet", "transformer", "seq2seq-step", "minilm",
+                 "digits-mlp", "ppocr-det", "ppocr-rec", "ppocr-cls"):
+        assert name in names
+    target = tmp_path / "s.onnx"
+    code, out, _ = run_cli(capsys, "models", "build", "shufflenet", "--size", "small", "-o", target)
+    assert code == 0
+    onnx.checker.check_model(onnx.load(str(target)), full_check=True)
+    code, _, err = run_cli(capsys, "models", "build", "shufflenet", "-o", target)
+    assert code == 2 and "--force" in err
+
+
+def test_models_build_unknown_name(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "models", "build", "nope", "-o", tmp_path / "x.onnx")
+    assert code == 2 and "unknown model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
