@@ -141,11 +141,15 @@ class GraphProgram:
         self.defaults: dict[str, Any] = {}
         #: Names this graph reads from enclosing graphs.
         self.outer_names = [v.name for v in graph.values.values() if v.outer]
+        # Before IR version 4 every initializer had to be listed as a graph input too; such
+        # inputs are weights, not defaults a feed may override (onnxruntime reads them so too).
+        info = graph.root.model
+        listed_weights_are_inputs = info is not None and info.ir_version < 4
         for value in graph.values.values():
             if value.outer or not value.is_const:
                 continue
             array = readonly(value.const)
-            if graph.is_input(value.name):
+            if graph.is_input(value.name) and not listed_weights_are_inputs:
                 self.defaults[value.name] = array
             else:
                 self.consts[value.name] = array
@@ -495,7 +499,8 @@ class Session:
         self.graph = graph
         self._services = _Services(inplace=inplace, fuse=fuse)
         self._program = GraphProgram(graph, self._services)
-        self.inputs = [self._spec(name) for name in graph.inputs]
+        self.inputs = [self._spec(name) for name in graph.inputs
+                       if name not in self._program.consts]
         self.outputs = list(graph.outputs)
         self.profile: Profile | None = Profile() if profile else None
         #: Peak bytes of live intermediate tensors during the last run (weights and graph inputs
