@@ -62,17 +62,21 @@ def models() -> list[tuple[str, str, dict]]:
 
 
 def measure(path: str, shapes: dict, runs: int) -> tuple[dict[str, float], int]:
+    """Median seconds per op over `runs` profiled runs (after a warm-up), and the runtime's
+    peak live bytes. The median, not the mean: other processes share the cores."""
     from graphopt.runtime import Session
 
     graph = graphopt.load(path)
     session = Session(graph, profile=True)
     feeds = make_feeds(graph, shapes, None)
     session.run(feeds)
-    session.profile.reset()
+    samples: dict[str, list[float]] = {}
     for _ in range(runs):
+        session.profile.reset()
         session.run(feeds)
-    done = session.profile.runs or runs
-    return {k: v / done for k, v in session.profile.by_op.items()}, session.peak_bytes
+        for name, seconds in session.profile.by_op.items():
+            samples.setdefault(name, []).append(seconds)
+    return {k: float(np.median(v)) for k, v in samples.items()}, session.peak_bytes
 
 
 def main() -> int:

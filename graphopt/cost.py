@@ -41,7 +41,8 @@ GEMM = "gemm"              # dense GEMM through BLAS (Conv via im2col, Gemm, Mat
 DEPTHWISE = "depthwise"    # grouped conv with one input channel per group: no BLAS reuse
 ELEMENTWISE = "elementwise"  # streams its tensors once, a few FLOPs per element
 REDUCE = "reduce"          # pooling and reductions: read much, write little
-COPY = "copy"              # data movement: Transpose, Concat, Slice, Gather, Pad...
+COPY = "copy"              # contiguous data movement: Concat, Split, Slice, Pad...
+GATHER = "gather"          # indexed or permuting data movement: Transpose, Gather, Resize...
 EMBEDDING = "embedding"    # Gather rows of a constant table
 VIEW = "view"              # metadata only (Reshape, Squeeze, Shape...): no bytes move
 CONSTANT = "constant"      # computed only from constants: foldable, not real inference work
@@ -62,7 +63,7 @@ _ELEMENTWISE_FLOPS: dict[str, int] = {
     "SimplifiedLayerNormalization": 6, "SkipLayerNormalization": 9,
     "Softmax": 5, "LogSoftmax": 5, "Hardmax": 2,
     "QuantizeLinear": 3, "DequantizeLinear": 2, "DynamicQuantizeLinear": 5,
-    "Cast": 0, "CastLike": 0, "IsNaN": 1, "IsInf": 1, "BiasGelu": 11, "FastGelu": 10,
+    "IsNaN": 1, "IsInf": 1, "BiasGelu": 11, "FastGelu": 10,
 }
 #: Variadic ops that combine their inputs pairwise.
 _VARIADIC = {"Sum", "Mean", "Max", "Min"}
@@ -75,10 +76,12 @@ _REDUCE_FLOPS: dict[str, int] = {
 _POOL = {"MaxPool", "AveragePool", "LpPool"}
 _VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape",
              "Size", "Constant", "Optional", "OptionalGetElement"}
-_COPY_OPS = {"Transpose", "Concat", "Split", "Slice", "Pad", "Tile", "Expand", "Gather",
-             "GatherElements", "GatherND", "ScatterND", "ScatterElements", "DepthToSpace",
-             "SpaceToDepth", "ConstantOfShape", "Range", "Trilu", "OneHot", "NonZero",
-             "ReverseSequence", "Compress", "CenterCropPad", "Resize", "Upsample", "EyeLike"}
+_COPY_OPS = {"Concat", "Split", "Slice", "Pad", "ConstantOfShape", "Range", "Trilu", "NonZero",
+             "Compress", "CenterCropPad", "EyeLike", "Cast", "CastLike"}
+#: Data movement whose reads (or writes) jump around: a transpose, an index lookup, a broadcast.
+_GATHER_OPS = {"Transpose", "Tile", "Expand", "Gather", "GatherElements", "GatherND",
+               "ScatterND", "ScatterElements", "DepthToSpace", "SpaceToDepth", "OneHot",
+               "ReverseSequence", "Resize", "Upsample"}
 #: Ops whose output is random: never constant even without inputs.
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Multinomial", "Bernoulli"}
@@ -124,6 +127,8 @@ class OpCost:
     #: Bytes of the lowered form's scratch buffer: im2col (Conv with a kernel larger than 1x1,
     #: a stride or pads) or col2im (ConvTranspose); written once and read once by the GEMM.
     im2col_bytes: int = 0
+    #: Largest conv stride: a strided im2col gathers non-contiguous input (slower per byte).
+    im2col_stride: int = 1
     #: Kernel the op runs with: "fp32", "int8_acc32", "int8_acc16" (from the op's
     #: `graphopt.kernel` meta, else from its op type).
     kernel: str = "fp32"
@@ -162,7 +167,8 @@ class OpCost:
             "intensity_weights": _round(self.intensity_weights),
             "intensity_total": _round(self.intensity_total),
             "gemm": self.gemm.to_dict() if self.gemm else None,
-            "im2col_bytes": self.im2col_bytes, "kernel": self.kernel, "known": self.known,
+            "im2col_bytes": self.im2col_bytes, "im2col_stride": self.im2col_stride,
+            "kernel": self.kernel, "known": self.known,
         }
 
 
@@ -461,6 +467,8 @@ def op_cost(graph: Graph, op: Op, ctx: CostContext | None = None) -> OpCost:
             cost.kind = VIEW
         elif op.op_type in _COPY_OPS:
             cost.kind = COPY
+        elif op.op_type in _GATHER_OPS:
+            cost.kind = GATHER
     except _UnknownShape:
         cost.known = False
         cost.flops = 0
@@ -514,8 +522,10 @@ def _conv(op: Op, ctx: CostContext, cost: OpCost) -> None:
         auto_pad = auto_pad.decode()
     pointwise = (k_elems == 1 and all(s == 1 for s in strides) and not any(pads)
                  and auto_pad in ("NOTSET", "VALID"))
-    if not pointwise:
+    if not pointwise and not depthwise:
+        # The depthwise kernel works tap by tap on the input itself: no column matrix.
         cost.im2col_bytes = gemm.M * gemm.K * groups * ctx.itemsize(_input(op, x_slot))
+        cost.im2col_stride = max(int(s) for s in strides)
 
 
 def _conv_transpose(op: Op, ctx: CostContext, cost: OpCost) -> None:
@@ -535,6 +545,7 @@ def _conv_transpose(op: Op, ctx: CostContext, cost: OpCost) -> None:
     cost.flops = 2 * gemm.macs + gemm.M * gemm.N * groups + (out_elems if _input(op, 2) else 0)
     cost.kind = GEMM
     cost.im2col_bytes = gemm.M * gemm.N * groups * ctx.itemsize(op.outputs[0])
+    cost.im2col_stride = max([int(s) for s in op.attrs.get("strides") or [1]])
 
 
 def _gemm(op: Op, ctx: CostContext, cost: OpCost) -> None:
@@ -579,7 +590,7 @@ def _matmul(op: Op, ctx: CostContext, cost: OpCost) -> None:
 def _gather(op: Op, ctx: CostContext, cost: OpCost) -> None:
     data, indices = _input(op, 0), _input(op, 1)
     axis = int(op.attrs.get("axis", 0))
-    cost.kind = COPY
+    cost.kind = GATHER
     if not ctx.is_constant(data) or axis != 0:
         return
     table = _static(ctx, data)
@@ -636,7 +647,7 @@ def _resize(op: Op, ctx: CostContext, cost: OpCost) -> None:
     resized = sum(1 for a, b in zip(x, y) if a != b)
     taps = {"nearest": 0, "linear": 2, "cubic": 4}.get(mode, 2) ** resized
     cost.flops = 2 * taps * int(np.prod(y, dtype=np.int64)) if taps > 1 else 0
-    cost.kind = COPY if cost.flops == 0 else ELEMENTWISE
+    cost.kind = GATHER if cost.flops == 0 else ELEMENTWISE
 
 
 def _einsum(op: Op, ctx: CostContext, cost: OpCost) -> None:
@@ -657,7 +668,7 @@ def _einsum(op: Op, ctx: CostContext, cost: OpCost) -> None:
         cost.kind = GEMM
     else:
         cost.flops = ctx.numel(op.outputs[0]) or 0
-        cost.kind = REDUCE if contracted else COPY
+        cost.kind = REDUCE if contracted else GATHER
 
 
 _HANDLERS = {

@@ -2,11 +2,13 @@
 and the roofline that turns an op's cost into a predicted time.
 
 `detect_machine()` reads the CPU's features (/proc/cpuinfo flags on Linux), core count and caches
-(/sys/devices/system/cpu/cpu0/cache), and measures two numbers with a short micro-benchmark run
-in a child process pinned to one BLAS thread: the fp32 GEMM rate (numpy matmul, 1024^3) and the
-memory bandwidth (copying a 64 MiB array). The measurement is cached per machine in the user's
-cache directory ($XDG_CACHE_HOME/graphopt, else ~/.cache/graphopt; $GRAPHOPT_CACHE_DIR overrides),
-keyed by a hash of the CPU model and flags, so it runs once per machine.
+(/sys/devices/system/cpu/cpu0/cache), and measures, in a child process pinned to one BLAS thread
+(about a second): the fp32 GEMM rate (numpy matmul, 1024^3), the copy bandwidth out of cache
+(64 MiB) and in cache (2 MiB), the rate of numpy elementwise passes over cache-sized blocks, the
+write rate of an im2col gather (sliding-window copy, stride 1 and 2) and the cost of a tiny numpy
+call. The measurement is cached per machine in the user's cache directory
+($XDG_CACHE_HOME/graphopt, else ~/.cache/graphopt; $GRAPHOPT_CACHE_DIR overrides), keyed by a
+hash of the CPU model and flags, so it runs once per machine.
 
 `modeled_machine(target)` describes another CPU for `--target`: the host's measured numbers scaled
 by the ratio of fp32 vector throughput per cycle (same clock, cores and memory system assumed), and
@@ -33,7 +35,10 @@ from pathlib import Path
 from graphopt.errors import UsageError
 
 #: Cache file format; bump when the benchmark changes so old measurements are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+#: Machine fields the micro-benchmark measures.
+_PEAK_FIELDS = ("fp32_flops", "bandwidth", "cache_bandwidth", "vector_rate", "gather_bandwidth",
+                "gather_bandwidth_strided", "op_overhead")
 
 TARGETS = ("auto", "generic", "avx2", "avx512", "avx512-vnni", "amx")
 
@@ -96,17 +101,45 @@ class Machine:
     caches: dict[str, int]
     #: Measured (or, for a modeled target, scaled) fp32 GEMM rate of one thread, FLOP/s.
     fp32_flops: float
-    #: Measured memory bandwidth (copy: bytes read + written per second), one thread.
+    #: Measured memory bandwidth (copy: bytes read + written per second), one thread, for data
+    #: that does not fit in the caches (a 64 MiB copy).
     bandwidth: float
+    #: The same for data that fits in the last-level cache (a 2 MiB copy): an op reading what its
+    #: producer just wrote.
+    cache_bandwidth: float = 0.0
+    #: Elementwise numpy passes per second over cache-resident data (element-ops/s): the compute
+    #: rate of everything that is not a BLAS GEMM.
+    vector_rate: float = 0.0
+    #: Bytes per second written by an im2col gather (a sliding-window copy), stride 1 and 2.
+    gather_bandwidth: float = 0.0
+    gather_bandwidth_strided: float = 0.0
     #: Cost of dispatching one tiny numpy operation, seconds (the floor of any op's time).
     op_overhead: float = 2e-6
     measured: bool = True
     target: str = "auto"
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Unmeasured figures default to conservative fractions of the measured ones.
+        self.cache_bandwidth = self.cache_bandwidth or 2.5 * self.bandwidth
+        self.vector_rate = self.vector_rate or self.fp32_flops / 32
+        self.gather_bandwidth = self.gather_bandwidth or self.bandwidth
+        self.gather_bandwidth_strided = self.gather_bandwidth_strided or self.gather_bandwidth / 3
+
     @property
     def isa_info(self) -> IsaInfo:
         return INT8_THROUGHPUT[self.isa]
+
+    @property
+    def cache_bytes(self) -> int:
+        """Working sets up to this size are treated as cache-resident: half the last-level cache
+        (the other half holds weights and the rest of the model), 4 MiB when unknown."""
+        last = max((v for k, v in self.caches.items() if k[:2] in ("L2", "L3")), default=0)
+        return last // 2 if last else 4 << 20
+
+    def activation_bandwidth(self, nbytes: int) -> float:
+        """Bandwidth for streaming `nbytes` of activations: cache-resident or from memory."""
+        return self.cache_bandwidth if nbytes <= self.cache_bytes else self.bandwidth
 
     def compute_rate(self, kernel: str = "fp32", threads: int = 1) -> float:
         """Peak FLOP/s of a kernel ("fp32", "int8_acc32", "int8_acc16") on `threads` cores."""
@@ -125,6 +158,10 @@ class Machine:
             "features": self.features, "cores": self.cores, "caches": self.caches,
             "fp32_gflops": round(self.fp32_flops / 1e9, 2),
             "bandwidth_gbs": round(self.bandwidth / 1e9, 2),
+            "cache_bandwidth_gbs": round(self.cache_bandwidth / 1e9, 2),
+            "vector_gops": round(self.vector_rate / 1e9, 2),
+            "gather_gbs": round(self.gather_bandwidth / 1e9, 2),
+            "gather_strided_gbs": round(self.gather_bandwidth_strided / 1e9, 2),
             "op_overhead_us": round(self.op_overhead * 1e6, 2),
             "int8_relative": {"fp32": 1.0, "int8_acc32": round(info.int8_acc32, 3),
                               "int8_acc16": round(info.int8_acc16, 3)},
@@ -228,8 +265,8 @@ def detect_machine(*, measure: bool = True, use_cache: bool = True) -> Machine:
     if not measure:
         return machine
     peaks = _cached_peaks(machine_key(cpu, flags), use_cache)
-    return replace(machine, fp32_flops=peaks["fp32_flops"], bandwidth=peaks["bandwidth"],
-                   op_overhead=peaks["op_overhead"], measured=True)
+    return replace(machine, measured=True, **{k: float(v) for k, v in peaks.items()
+                                              if k in _PEAK_FIELDS})
 
 
 def _nominal_flops(isa: str) -> float:
@@ -277,23 +314,44 @@ def measure_peaks(gemm_n: int = 1024, copy_mib: int = 64) -> dict[str, float]:
 
 
 def _benchmark(gemm_n: int, copy_mib: int) -> dict[str, float]:
-    """fp32 GEMM FLOP/s, copy bandwidth (bytes/s) and the time of a tiny numpy op; best of runs."""
+    """Best-of-runs rates (see the Machine fields): fp32 GEMM, copy bandwidth out of and in
+    cache, numpy elementwise passes, im2col gathers, and the time of a tiny numpy op."""
     import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
     b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
     c = np.empty_like(a)
-    np.matmul(a, b, out=c)
-    best = min(_timed(lambda: np.matmul(a, b, out=c)) for _ in range(5))
-    flops = 2.0 * gemm_n ** 3 / best
+    flops = 2.0 * gemm_n ** 3 / _best(lambda: np.matmul(a, b, out=c))
 
-    n = copy_mib * (1 << 20) // 4
-    src = np.ones(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(5))
-    bandwidth = 2.0 * src.nbytes / best
+    def copy_rate(nbytes: int) -> float:
+        src = np.ones(max(nbytes // 4, 1), dtype=np.float32)
+        dst = np.empty_like(src)
+        return 2.0 * src.nbytes / _best(lambda: np.copyto(dst, src))
+
+    bandwidth = copy_rate(copy_mib << 20)
+    cache_bandwidth = max(copy_rate(min(2 << 20, (copy_mib << 20) // 4)), bandwidth)
+
+    # Elementwise passes as kernels run them on cache-sized blocks: scale by a per-row weight
+    # (broadcast) into a temporary, then accumulate.
+    x = np.ones((32, 2048), dtype=np.float32)
+    w = np.ones((32, 1), dtype=np.float32)
+    tmp, acc = np.empty_like(x), np.zeros_like(x)
+
+    def two_passes() -> None:
+        np.multiply(x, w, out=tmp)
+        np.add(acc, tmp, out=acc)
+    vector_rate = 2.0 * x.size / _best(two_passes)
+
+    # im2col of a 3x3 conv into (C*kh*kw, pixels) rows: a sliding-window gather.
+    img = np.ones((1, 32, 58, 58), dtype=np.float32)
+    windows = sliding_window_view(img, (3, 3), axis=(2, 3))
+    gathers = []
+    for stride in (1, 2):
+        view = windows[:, :, ::stride, ::stride].transpose(0, 1, 4, 5, 2, 3)
+        col = np.empty(view.shape, dtype=np.float32)
+        gathers.append(col.nbytes / _best(lambda: np.copyto(col, view)))
 
     tiny = np.ones(16, dtype=np.float32)
     out = np.empty_like(tiny)
@@ -302,7 +360,14 @@ def _benchmark(gemm_n: int, copy_mib: int) -> dict[str, float]:
     for _ in range(reps):
         np.add(tiny, tiny, out=out)
     overhead = (time.perf_counter() - start) / reps
-    return {"fp32_flops": flops, "bandwidth": bandwidth, "op_overhead": overhead}
+    return {"fp32_flops": flops, "bandwidth": bandwidth, "cache_bandwidth": cache_bandwidth,
+            "vector_rate": vector_rate, "gather_bandwidth": gathers[0],
+            "gather_bandwidth_strided": gathers[1], "op_overhead": overhead}
+
+
+def _best(fn, runs: int = 5) -> float:
+    fn()  # warm: first touch of the output, BLAS thread start
+    return min(_timed(fn) for _ in range(runs))
 
 
 def _timed(fn) -> float:
@@ -321,8 +386,10 @@ def modeled_machine(target: str, host: Machine | None = None) -> Machine:
         return replace(host, target=target)
     ratio = (INT8_THROUGHPUT[target].fp32_macs_per_cycle
              / INT8_THROUGHPUT[host.isa].fp32_macs_per_cycle)
+    # numpy's elementwise loops are vectorized to the ISA's width too.
     return replace(host, isa=target, target=target, fp32_flops=host.fp32_flops * ratio,
-                   measured=False, features=[], extra={"scaled_from": host.isa})
+                   vector_rate=host.vector_rate * ratio, measured=False, features=[],
+                   extra={"scaled_from": host.isa})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +397,13 @@ def modeled_machine(target: str, host: Machine | None = None) -> Machine:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Roofline:
-    """Predicted time of one op: max(compute, memory) plus the dispatch floor."""
+    """Predicted time of one op: the dispatch floor, the im2col gather (a phase of its own,
+    before the GEMM), and max(compute, memory) of the main loop."""
 
     time: float
     compute_time: float
     memory_time: float
+    gather_time: float
     bound: str              # "compute" or "memory"
     traffic_bytes: int
 
@@ -346,17 +415,44 @@ class Roofline:
 def roofline(cost, machine: Machine, kernel: str | None = None, threads: int = 1) -> Roofline:
     """Predicted time of an op (`graphopt.cost.OpCost`) with a kernel (default: the op's own).
 
-    time = overhead + max(FLOPs / (rate * efficiency), traffic / bandwidth), where `efficiency`
-    and `traffic` describe how the kernel class executes (see `kernel_efficiency` and
-    `traffic_bytes`).
+    time = overhead + gather + max(compute, memory), where
+    - compute = FLOPs / (BLAS rate x shape efficiency) for GEMMs, FLOPs / vector rate (numpy
+      elementwise passes) for everything else, depthwise conv included (it has no reduction to
+      block for BLAS: each kernel tap is a multiply and an add over the output);
+    - memory = weights at memory bandwidth (read once per inference: cold) + activations at the
+      bandwidth of the level they fit in (an op reads what its producer just wrote);
+    - gather = the im2col (or col2im) buffer written at the measured gather rate; it is a copy
+      phase before the GEMM, so it adds rather than overlaps. Permuting and indexed copies
+      (Transpose, Gather, Resize...) write their output at the strided gather rate.
+    View ops (Reshape, Squeeze...) move nothing; constant-foldable ops cost nothing.
     """
     kernel = kernel or cost.kernel
-    rate = machine.compute_rate(kernel, threads) * kernel_efficiency(cost)
+    if cost.kind in ("view", "constant"):
+        return Roofline(machine.op_overhead, 0.0, 0.0, 0.0, "memory", 0)
+    int8 = kernel.startswith("int8") and cost.gemm is not None
+    if cost.kind == "gemm":
+        rate = machine.compute_rate(kernel, threads) * kernel_efficiency(cost)
+    else:
+        rate = machine.vector_rate * max(1, min(threads, machine.cores))
     compute = cost.flops / rate if cost.flops else 0.0
-    traffic = traffic_bytes(cost, kernel)
-    memory = traffic / machine.bandwidth
-    bound = "compute" if compute >= memory else "memory"
-    return Roofline(machine.op_overhead + max(compute, memory), compute, memory, bound, traffic)
+    # int8 kernels read int8 weights and activations (a quarter of fp32) and write fp32/int8.
+    shrink = 4 if int8 else 1
+    weights = cost.weight_bytes // shrink
+    activations = cost.input_bytes // shrink + cost.output_bytes
+    memory = weights / machine.bandwidth \
+        + activations / machine.activation_bandwidth(activations)
+    gather = 0.0
+    if cost.kind == "gather":
+        # A permuting or indexed copy writes its output at the gather rate, not the copy rate.
+        gather, memory = cost.output_bytes / machine.gather_bandwidth_strided, \
+            cost.input_bytes / machine.activation_bandwidth(cost.input_bytes)
+    elif cost.im2col_bytes:
+        rate_gather = machine.gather_bandwidth if cost.im2col_stride <= 1 \
+            else machine.gather_bandwidth_strided
+        gather = cost.im2col_bytes / shrink / rate_gather
+    bound = "compute" if compute >= memory + gather else "memory"
+    time_s = machine.op_overhead + gather + max(compute, memory)
+    return Roofline(time_s, compute, memory, gather, bound, traffic_bytes(cost, kernel))
 
 
 #: GEMM dimensions at which a BLAS kernel reaches half its peak. A GEMM micro-kernel keeps an
@@ -368,44 +464,26 @@ _HALF_RATE_DIM = {"M": 8, "N": 8, "K": 16}
 
 
 def kernel_efficiency(cost) -> float:
-    """Fraction of peak FLOP/s a kernel class reaches on this op's shape.
-
-    - GEMM: d / (d + d_half) for each of M, N, K (small dims waste the register tile).
-    - Depthwise conv: no reduction dimension to block over (K = kH*kW), so it is computed as a
-      multiply-add per kernel tap over the whole tensor: vector-rate FMAs with no reuse beyond
-      registers, modeled as a quarter of GEMM peak (a stream of FMAs from two loads).
-    - Elementwise, reductions, copies: vector-rate arithmetic, memory is the limit anyway; a
-      quarter of peak (no FMA pairing, one op per load).
-    """
+    """Fraction of BLAS peak a GEMM reaches on this shape: d / (d + d_half) for each of M, N,
+    K (small dims waste the register tile); 1.0 for non-GEMM kernels (they use the vector rate)."""
     gemm = cost.gemm
-    if cost.kind == "gemm" and gemm is not None:
-        eff = 1.0
-        for dim, value in (("M", gemm.M), ("N", gemm.N), ("K", gemm.K)):
-            eff *= value / (value + _HALF_RATE_DIM[dim])
-        return max(eff, 1e-3)
-    return 0.25
+    if cost.kind != "gemm" or gemm is None:
+        return 1.0
+    eff = 1.0
+    for dim, value in (("M", gemm.M), ("N", gemm.N), ("K", gemm.K)):
+        eff *= value / (value + _HALF_RATE_DIM[dim])
+    return max(eff, 1e-3)
 
 
 def traffic_bytes(cost, kernel: str = "fp32") -> int:
-    """Bytes the kernel moves to and from memory.
-
-    - view ops move nothing; constant-foldable ops are not run at inference time;
-    - GEMM-like ops: weights + activations, plus writing and re-reading the im2col/col2im buffer;
-      int8 kernels read int8 weights and activations (a quarter of fp32);
-    - depthwise conv: each of the kH*kW taps reads a shifted input view and updates the output
-      (read + write), i.e. (1 + 2) output-sized passes per tap;
-    - everything else streams its tensors once.
-    """
+    """Bytes the kernel moves: weights + activations, plus writing and re-reading the im2col
+    buffer; int8 kernels read int8 weights and inputs. Views and constant ops move nothing."""
     if cost.kind in ("view", "constant"):
         return 0
-    if cost.kind == "depthwise" and cost.gemm is not None:
-        taps = cost.gemm.K
-        return cost.weight_bytes + cost.input_bytes + 3 * taps * cost.output_bytes
-    total = cost.weight_bytes + cost.input_bytes + cost.output_bytes + 2 * cost.im2col_bytes
     if kernel.startswith("int8") and cost.gemm is not None:
-        total = (cost.weight_bytes + cost.input_bytes + 2 * cost.im2col_bytes) // 4 \
+        return (cost.weight_bytes + cost.input_bytes + 2 * cost.im2col_bytes) // 4 \
             + cost.output_bytes
-    return int(total)
+    return cost.weight_bytes + cost.input_bytes + cost.output_bytes + 2 * cost.im2col_bytes
 
 
 def spearman(x, y) -> float:

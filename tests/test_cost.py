@@ -181,7 +181,7 @@ def test_gather_of_activation_is_data_movement():
     g = _graph([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)],
                [("x", F, [2, 10]), ("i", TensorProto.INT64, [3])], [("y", F, None)])
     c = _only(g, "Gather")
-    assert c.kind == "copy" and c.weight_bytes == 0 and c.flops == 0
+    assert c.kind == "gather" and c.weight_bytes == 0 and c.flops == 0
 
 
 def test_weights_made_by_constant_of_shape_count_as_weights():

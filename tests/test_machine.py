@@ -25,8 +25,10 @@ flags\t\t: fpu sse
 
 
 def _machine(**kw) -> Machine:
-    base = dict(cpu="test", isa="avx2", features=["avx2", "fma"], cores=2, caches={},
-                fp32_flops=100e9, bandwidth=10e9, op_overhead=0.0)
+    base = dict(cpu="test", isa="avx2", features=["avx2", "fma"], cores=2,
+                caches={"L2": 1 << 20, "L3": 8 << 20}, fp32_flops=100e9, bandwidth=10e9,
+                cache_bandwidth=40e9, vector_rate=4e9, gather_bandwidth=20e9,
+                gather_bandwidth_strided=5e9, op_overhead=0.0)
     base.update(kw)
     return Machine(**base)
 
@@ -88,6 +90,7 @@ def test_modeled_target_scales_compute_not_memory():
     host = _machine()
     vnni = modeled_machine("avx512-vnni", host)
     assert vnni.fp32_flops == 200e9 and vnni.bandwidth == host.bandwidth
+    assert vnni.vector_rate == 8e9 and vnni.cache_bandwidth == host.cache_bandwidth
     assert vnni.compute_rate("int8_acc32") == 800e9 and not vnni.measured
     assert modeled_machine("auto", host).fp32_flops == host.fp32_flops
     assert modeled_machine("avx2", host).isa == "avx2"
@@ -103,32 +106,78 @@ def _cost(kind="gemm", flops=0, w=0, i=0, o=0, gemm=None, im2col=0):
 def test_roofline_compute_bound_large_gemm():
     m = _machine()
     g = GemmShape(M=4096, N=4096, K=4096)
-    c = _cost(flops=2 * g.macs, w=4096 * 4096 * 4, i=4096 * 4096 * 4, o=4096 * 4096 * 4, gemm=g)
+    big = 4096 * 4096 * 4                                 # 64 MiB: does not fit in cache
+    c = _cost(flops=2 * g.macs, w=big, i=big, o=big, gemm=g)
     r = roofline(c, m)
     eff = (4096 / 4104) ** 2 * (4096 / 4112)
     assert r.bound == "compute"
     assert r.compute_time == pytest.approx(c.flops / (100e9 * eff))
     assert r.time == pytest.approx(r.compute_time)
-    assert r.memory_time == pytest.approx(3 * 4096 * 4096 * 4 / 10e9)
+    assert r.memory_time == pytest.approx(3 * big / 10e9)
     # int8 acc16 halves compute time and reads a quarter of the input bytes
     r16 = roofline(c, m, kernel="int8_acc16")
     assert r16.compute_time == pytest.approx(r.compute_time / 2)
-    assert r16.traffic_bytes == 2 * 4096 * 4096 + 4096 * 4096 * 4
+    assert r16.memory_time == pytest.approx(big / 4 / 10e9 + (big / 4 + big) / 10e9)
+    assert r16.traffic_bytes == big // 4 + big // 4 + big
 
 
-def test_roofline_memory_bound_elementwise_and_views():
+def test_roofline_im2col_is_a_phase_before_the_gemm():
+    m = _machine()
+    g = GemmShape(M=3136, N=64, K=576)
+    c = _cost(flops=2 * g.macs, w=64 * 576 * 4, i=64 * 58 * 58 * 4, o=3136 * 64 * 4, gemm=g,
+              im2col=3136 * 576 * 4)
+    r = roofline(c, m)
+    assert r.gather_time == pytest.approx(3136 * 576 * 4 / 20e9)
+    assert r.time == pytest.approx(r.gather_time + max(r.compute_time, r.memory_time))
+    c.im2col_stride = 2
+    assert roofline(c, m).gather_time == pytest.approx(3136 * 576 * 4 / 5e9)
+
+
+def test_roofline_elementwise_memory_bound_in_and_out_of_cache():
     m = _machine(op_overhead=1e-6)
-    r = roofline(_cost(kind="elementwise", flops=1000, i=4000, o=4000), m)
-    assert r.bound == "memory"
-    assert r.time == pytest.approx(1e-6 + 8000 / 10e9)
+    small = roofline(_cost(kind="elementwise", flops=1000, i=8000, o=8000), m)
+    assert small.bound == "memory"
+    assert small.time == pytest.approx(1e-6 + 16000 / 40e9)     # cache-resident
+    n = 8 << 20                                                  # 16 MiB moved: from memory
+    large = roofline(_cost(kind="elementwise", flops=n // 4, i=n, o=n), m)
+    assert large.memory_time == pytest.approx(2 * n / 10e9)
     assert roofline(_cost(kind="view", i=4000, o=4000), m).time == pytest.approx(1e-6)
+    assert roofline(_cost(kind="constant", o=4000), m).time == pytest.approx(1e-6)
 
 
-def test_traffic_counts_im2col_and_depthwise_taps():
+def test_roofline_depthwise_runs_at_vector_rate():
+    m = _machine()
+    dw = GemmShape(M=1600, N=1, K=25, groups=192)
+    c = _cost(kind="depthwise", flops=2 * dw.macs, w=192 * 25 * 4, i=192 * 1600 * 4,
+              o=192 * 1600 * 4, gemm=dw)
+    r = roofline(c, m)
+    assert r.compute_time == pytest.approx(2 * dw.macs / 4e9) and r.bound == "compute"
+
+
+def test_roofline_gather_writes_at_strided_rate():
+    m = _machine()
+    r = roofline(_cost(kind="gather", i=4000, o=16000), m)
+    assert r.gather_time == pytest.approx(16000 / 5e9)
+    assert r.memory_time == pytest.approx(4000 / 40e9)
+
+
+def test_traffic_counts_im2col():
     g = GemmShape(M=36, N=4, K=27)
     assert traffic_bytes(_cost(w=10, i=20, o=30, gemm=g, im2col=100)) == 10 + 20 + 30 + 200
-    dw = GemmShape(M=36, N=1, K=9, groups=16)
-    assert traffic_bytes(_cost(kind="depthwise", w=10, i=20, o=30, gemm=dw)) == 10 + 20 + 3 * 9 * 30
+    assert traffic_bytes(_cost(kind="view", i=20, o=30)) == 0
+
+
+def test_cache_bytes_is_half_the_last_level():
+    assert _machine().cache_bytes == 4 << 20
+    assert _machine(caches={}).cache_bytes == 4 << 20
+    assert _machine(caches={"L2": 2 << 20, "L3": 64 << 20}).cache_bytes == 32 << 20
+
+
+def test_unmeasured_rates_default_from_measured_ones():
+    m = Machine(cpu="x", isa="avx2", features=[], cores=1, caches={}, fp32_flops=64e9,
+                bandwidth=10e9)
+    assert m.cache_bandwidth == 25e9 and m.vector_rate == 2e9
+    assert m.gather_bandwidth == 10e9 and m.gather_bandwidth_strided == pytest.approx(10e9 / 3)
 
 
 def test_detect_machine_caches_the_benchmark(tmp_path, monkeypatch):
@@ -136,7 +185,9 @@ def test_detect_machine_caches_the_benchmark(tmp_path, monkeypatch):
 
     def fake_peaks():
         calls.append(1)
-        return {"fp32_flops": 50e9, "bandwidth": 8e9, "op_overhead": 1e-6}
+        return {"fp32_flops": 50e9, "bandwidth": 8e9, "cache_bandwidth": 30e9,
+                "vector_rate": 3e9, "gather_bandwidth": 9e9, "gather_bandwidth_strided": 4e9,
+                "op_overhead": 1e-6}
 
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(mm, "measure_peaks", fake_peaks)
@@ -144,6 +195,7 @@ def test_detect_machine_caches_the_benchmark(tmp_path, monkeypatch):
     second = mm.detect_machine()
     assert len(calls) == 1
     assert first.fp32_flops == second.fp32_flops == 50e9 and first.measured
+    assert first.vector_rate == 3e9 and first.gather_bandwidth_strided == 4e9
     files = list(tmp_path.glob("machine-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["peaks"]["bandwidth"] == 8e9
     nominal = mm.detect_machine(measure=False)
@@ -158,7 +210,9 @@ def test_cache_dir_prefers_xdg(monkeypatch, tmp_path):
 
 def test_micro_benchmark_measures_positive_rates():
     peaks = mm._benchmark(gemm_n=64, copy_mib=1)
-    assert peaks["fp32_flops"] > 1e8 and peaks["bandwidth"] > 1e8 and peaks["op_overhead"] > 0
+    assert set(peaks) == set(mm._PEAK_FIELDS)
+    assert all(v > 0 for v in peaks.values())
+    assert peaks["fp32_flops"] > 1e8 and peaks["bandwidth"] > 1e8
 
 
 def test_spearman_against_definition():

@@ -24,12 +24,14 @@ JSON (`--json FILE`), a stable contract (schema 1; fields are only ever added):
         }                                  # avg = FLOP-weighted; intensity = FLOPs per byte
       },
       "machine": {"cpu", "isa", "target", "measured", "features", "cores", "caches",
-                  "fp32_gflops", "bandwidth_gbs", "op_overhead_us", "int8_relative",
+                  "fp32_gflops", "bandwidth_gbs", "cache_bandwidth_gbs", "vector_gops",
+                  "gather_gbs", "gather_strided_gbs", "op_overhead_us",
+                  "int8_relative": {"fp32", "int8_acc32", "int8_acc16"},
                   "ridge_flops_per_byte"},
       "ops": [{                            # every op, topological order
         "name": str, "op_type": str, "kind": str, "kernel": str, "known": bool,
         "flops": int, "weight_bytes": int, "activation_bytes": int,   # activations in + out
-        "input_bytes": int, "output_bytes": int, "im2col_bytes": int,
+        "input_bytes": int, "output_bytes": int, "im2col_bytes": int, "im2col_stride": int,
         "intensity_weights": float | null, "intensity_total": float | null,
         "gemm": {"M": int, "N": int, "K": int, "groups": int} | null,
         "bound": "compute" | "memory", "predicted_ms": float, "measured_ms": float | null
@@ -39,7 +41,7 @@ JSON (`--json FILE`), a stable contract (schema 1; fields are only ever added):
                   "ops_compared": int} | null
     }
 
-`kind` is the kernel class (gemm, depthwise, elementwise, reduce, copy, embedding, view,
+`kind` is the kernel class (gemm, depthwise, elementwise, reduce, copy, gather, embedding, view,
 constant, other); "constant" ops compute only from constants (the light models make weights with
 ConstantOfShape) and are not inference work: they are predicted at 0 and left out of FLOPs, the
 op-type table and the correlation.
