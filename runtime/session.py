@@ -381,8 +381,8 @@ class GraphProgram:
         """Apply a fused epilogue chain in place on the head's output buffer."""
         live.add(buffer)
         for ep in step.epilogues:
-            args = [env[n] if n else None for n in ep.inputs]
-            args[ep.slot] = buffer
+            args = [buffer if i == ep.slot else (env[n] if n else None)
+                    for i, n in enumerate(ep.inputs)]
             fits = _reusable(args, (ep.slot,), live) is not None
             start = time.perf_counter() if profile is not None else 0.0
             result = (ep.kernel.fn(*args, out=buffer) if fits else ep.kernel.fn(*args))[0]

@@ -97,9 +97,12 @@ def _describe_output(name: str, value, count: int) -> str:
     if value is None:
         return f"{name}: empty optional"
     array = np.asarray(value)
+    head = f"{name}: shape {tuple(array.shape)} {array.dtype}"
+    if array.ndim == 0:
+        return f"{head}  {array.item()!r}"
     flat = array.reshape(-1)[:count]
-    with np.printoptions(precision=5, suppress=False, threshold=count, linewidth=200):
+    with np.printoptions(precision=5, threshold=count, linewidth=200):
         shown = np.array2string(flat, separator=" ")
-    more = " ..." if array.size > count else ""
-    return f"{name}: shape {tuple(array.shape)} {array.dtype}  {shown[:-1]}{more}]" if shown.endswith("]") \
-        else f"{name}: shape {tuple(array.shape)} {array.dtype}  {shown}"
+    if array.size > count:
+        shown = shown[:-1] + " ...]"
+    return f"{head}  {shown}"
