@@ -1,0 +1,295 @@
+"""The convolution engine shared by Conv, ConvInteger and QLinearConv.
+
+One `ConvPlan` per op: attributes are parsed once, weights are laid out once (when they are
+constant), and each call picks the cheapest exact formulation for the input's shape:
+
+- pointwise (1x1, no padding): a plain GEMM (C_out, C_in) @ (C_in, H*W) on the input itself,
+  no im2col; strides subsample the input first;
+- depthwise (one input channel per group): a sum over the kernel taps of shifted input rows
+  times per-channel weights, on a "flat" layout: the padded input of each channel is one
+  contiguous row, so a tap is a contiguous slice at an offset and every multiply-add runs over
+  long contiguous runs; strides become stride 1 by splitting the input into stride phases
+  (polyphase); the work is blocked so the accumulator stays in cache;
+- everything else: im2col (one strided copy per call, `gemm.im2col`) and one BLAS GEMM per
+  (batch, group) via np.matmul's batching, tiled over output rows when the column matrix would
+  not fit in cache.
+
+Integer convolutions run the same code on float32 arrays holding integers with an exact
+matmul (`gemm.matmul_exact_f32`); the depthwise path is used for them only when the sum over
+the taps provably stays below 2**24.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.errors import GraphoptError
+from graphopt.runtime.kernels.gemm import (
+    F32_EXACT, conv_out_spatial, conv_pads, im2col, matmul_exact_f32, pad_spatial,
+)
+
+#: im2col matrices above this many bytes are built and multiplied in tiles of output rows.
+IM2COL_TILE_BYTES = 1 << 21
+#: Elements per (channels x rows) block of the depthwise accumulator (fits L2 with its temp).
+DEPTHWISE_BLOCK = 1 << 15
+
+#: A matmul into a preallocated output: mm(a, b, out).
+MatMul = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def float_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    np.matmul(a, b, out=out)
+
+
+def exact_matmul(bound: int) -> MatMul:
+    """An exact integer matmul on float32 arrays holding integers with |a*b| <= bound."""
+    def mm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        out[...] = matmul_exact_f32(a, b, bound)
+    return mm
+
+
+@dataclass(frozen=True)
+class ConvAttrs:
+    """Conv attributes as parsed from the op (kernel_shape may come from the weights)."""
+
+    kernel: tuple[int, ...] | None
+    strides: tuple[int, ...] | None
+    dilations: tuple[int, ...] | None
+    pads: tuple[int, ...] | None
+    auto_pad: str
+    groups: int
+
+    @classmethod
+    def from_op(cls, attr: Callable) -> ConvAttrs:
+        def ints(name):
+            value = attr(name)
+            return tuple(int(v) for v in value) if value is not None else None
+        auto_pad = attr("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        return cls(ints("kernel_shape"), ints("strides"), ints("dilations"), ints("pads"),
+                   auto_pad, int(attr("group", 1)))
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything shape-dependent about one call, computed once per input shape."""
+
+    batch: int
+    in_channels: int
+    in_spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    begin: tuple[int, ...]
+    end: tuple[int, ...]
+    out_spatial: tuple[int, ...]
+
+    @property
+    def pointwise(self) -> bool:
+        return all(k == 1 for k in self.kernel) and not any(self.begin) and not any(self.end)
+
+
+def geometry(attrs: ConvAttrs, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> ConvGeometry:
+    spatial = tuple(x_shape[2:])
+    d = len(spatial)
+    kernel = attrs.kernel or tuple(w_shape[2:])
+    strides = attrs.strides or (1,) * d
+    dilations = attrs.dilations or (1,) * d
+    if len(kernel) != d or len(w_shape) != d + 2:
+        raise GraphoptError(f"Conv: input rank {len(x_shape)} does not match weights {w_shape}")
+    begin, end = conv_pads(spatial, kernel, strides, dilations, attrs.pads, attrs.auto_pad)
+    out = conv_out_spatial(spatial, kernel, strides, dilations, begin, end)
+    return ConvGeometry(x_shape[0], x_shape[1], spatial, tuple(kernel), tuple(strides),
+                        tuple(dilations), tuple(begin), tuple(end), tuple(out))
+
+
+@dataclass
+class ConvWeights:
+    """Weights (C_out, C_in/groups, *kernel) laid out for the GEMM: (groups, C_out/g, K)."""
+
+    w: np.ndarray
+    mat: np.ndarray
+    groups: int
+
+    @classmethod
+    def prepare(cls, w: np.ndarray, groups: int, dtype=np.float32) -> ConvWeights:
+        w = np.ascontiguousarray(w, dtype=dtype)
+        c_out = w.shape[0]
+        if c_out % groups:
+            raise GraphoptError(f"Conv: {c_out} output channels are not divisible by group={groups}")
+        return cls(w, w.reshape(groups, c_out // groups, -1), groups)
+
+    @property
+    def out_channels(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def depthwise(self) -> bool:
+        return self.w.shape[1] == 1 and self.groups > 1
+
+
+def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul = float_matmul,
+         out_dtype=np.float32, taps_exact: bool = True) -> np.ndarray:
+    """Convolution (no bias) of x (N, C, *S) float32; returns (N, C_out, *O) of out_dtype.
+
+    taps_exact: whether summing kernel taps in float32 is exact (always true for float data;
+    integer callers pass whether taps * max|x*w| < 2**24).
+    """
+    n = geom.batch
+    groups = weights.groups
+    c_in = geom.in_channels
+    if c_in != weights.w.shape[1] * groups:
+        raise GraphoptError(f"Conv: input has {c_in} channels, weights expect "
+                            f"{weights.w.shape[1] * groups} (group={groups})")
+    out = np.empty((n, weights.out_channels) + geom.out_spatial, dtype=out_dtype)
+    if out.size == 0:
+        return out
+    if geom.pointwise:
+        _pointwise(x, weights, geom, mm, out)
+    elif weights.depthwise and len(geom.kernel) == 2 and taps_exact and out_dtype == np.float32:
+        _depthwise_2d(x, weights, geom, out)
+    else:
+        _im2col_gemm(x, weights, geom, mm, out)
+    return out
+
+
+def _pointwise(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: np.ndarray) -> None:
+    if any(s != 1 for s in geom.strides):
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geom.strides)]
+    n, groups = geom.batch, weights.groups
+    pixels = math.prod(geom.out_spatial)
+    x = np.ascontiguousarray(x).reshape(n, groups, -1, pixels)
+    target = out.reshape(n, groups, -1, pixels)
+    if n == 1 and groups == 1:
+        mm(weights.mat[0], x[0, 0], target[0, 0])
+    else:
+        mm(weights.mat, x, target)
+
+
+def _im2col_gemm(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: np.ndarray) -> None:
+    n, groups = geom.batch, weights.groups
+    xp = pad_spatial(x, geom.begin, geom.end)
+    k = weights.mat.shape[2]
+    pixels = math.prod(geom.out_spatial)
+    row_pixels = pixels // geom.out_spatial[0]
+    col_bytes = k * groups * pixels * xp.itemsize
+    if col_bytes * n <= IM2COL_TILE_BYTES or geom.out_spatial[0] == 1:
+        cols = im2col(xp, geom.kernel, geom.strides, geom.dilations, geom.out_spatial, groups)
+        mm(weights.mat, cols, out.reshape(n, groups, -1, pixels))
+        return
+    # Tiles of output rows: the column matrix of a tile stays in cache and the GEMM writes
+    # straight into the rows of the output.
+    rows = max(1, IM2COL_TILE_BYTES // (k * groups * row_pixels * xp.itemsize))
+    buf = np.empty(groups * k * rows * row_pixels, dtype=xp.dtype)
+    stride0 = geom.strides[0]
+    for b in range(n):
+        out_b = out[b].reshape((groups, -1) + geom.out_spatial)
+        for r0 in range(0, geom.out_spatial[0], rows):
+            r1 = min(geom.out_spatial[0], r0 + rows)
+            span = (r1 - r0 - 1) * stride0 + (geom.kernel[0] - 1) * geom.dilations[0] + 1
+            xs = xp[b:b + 1, :, r0 * stride0:r0 * stride0 + span]
+            tile_out = (r1 - r0,) + geom.out_spatial[1:]
+            cols = im2col(xs, geom.kernel, geom.strides, geom.dilations, tile_out, groups,
+                          out=buf[:groups * k * (r1 - r0) * row_pixels].reshape(
+                              1, groups, k, (r1 - r0) * row_pixels))
+            target = out_b[:, :, r0:r1].reshape(groups, -1, (r1 - r0) * row_pixels)
+            mm(weights.mat, cols[0], target)
+
+
+def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
+    """Depthwise 2-D conv as a sum of kernel taps over a flat, polyphase, padded layout.
+
+    Input channel c feeds output channels c*m .. c*m+m-1 (m = channel multiplier). For stride
+    s, the padded input is split into s_h*s_w phase images so that every tap reads a stride-1
+    window of one phase; in a phase image flattened per channel, the window of tap (i, j) is
+    the contiguous slice starting at (i*d_h // s_h) * Wq + (j*d_w // s_w). Output pixel
+    (oh, ow) lands at flat position oh * Wq + ow; the columns ow >= OW are scratch and cropped.
+    """
+    n, c = geom.batch, geom.in_channels
+    kh, kw = geom.kernel
+    sh, sw = geom.strides
+    dh, dw = geom.dilations
+    (pt, pl), (pb, pr) = geom.begin, geom.end
+    h, w = geom.in_spatial
+    oh, ow = geom.out_spatial
+    hp, wp = h + pt + pb, w + pl + pr
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    slack = wq * ((kh - 1) * dh // sh + 1) + (kw - 1) * dw // sw + 1
+    rows_in = n * c
+    phases = np.zeros((sh * sw, rows_in, hq * wq + slack), dtype=np.float32)
+    xr = x.reshape(rows_in, h, w)
+    for a in range(sh):
+        h0 = (a - pt) % sh              # first input row landing in phase row a
+        u0 = (h0 + pt) // sh
+        for b in range(sw):
+            w0 = (b - pl) % sw
+            v0 = (w0 + pl) // sw
+            src = xr[:, h0::sh, w0::sw]
+            dst = phases[a * sw + b, :, :hq * wq].reshape(rows_in, hq, wq)
+            dst[:, u0:u0 + src.shape[1], v0:v0 + src.shape[2]] = src
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            r, q = i * dh, j * dw
+            taps.append(((r % sh) * sw + q % sw, (r // sh) * wq + q // sw, i * kw + j))
+    mult = weights.w.shape[0] // c
+    wt = weights.w.reshape(c, mult, kh * kw)
+    if n > 1:
+        wt = np.broadcast_to(wt[None], (n, c, mult, kh * kw)).reshape(rows_in, mult, kh * kw)
+    out_r = out.reshape(n, c, mult, oh, ow).reshape(rows_in, mult, oh, ow) if mult > 1 \
+        else out.reshape(rows_in, 1, oh, ow)
+
+    # Blocks of (channels x output rows) of about DEPTHWISE_BLOCK elements.
+    if oh * wq <= DEPTHWISE_BLOCK:
+        rows_per, ch_per = oh, max(1, DEPTHWISE_BLOCK // (oh * wq))
+    else:
+        rows_per, ch_per = max(1, DEPTHWISE_BLOCK // wq), 1
+    acc = np.empty(ch_per * rows_per * wq, dtype=np.float32)
+    tmp = np.empty_like(acc)
+    for j in range(mult):
+        wj = wt[:, j, :]
+        for c0 in range(0, rows_in, ch_per):
+            c1 = min(rows_in, c0 + ch_per)
+            wc = wj[c0:c1]
+            for r0 in range(0, oh, rows_per):
+                r1 = min(oh, r0 + rows_per)
+                length = (r1 - r0) * wq
+                a_ = acc[:(c1 - c0) * length].reshape(c1 - c0, length)
+                t_ = tmp[:(c1 - c0) * length].reshape(c1 - c0, length)
+                q0 = r0 * wq
+                phase, off, t = taps[0]
+                np.multiply(phases[phase, c0:c1, q0 + off:q0 + off + length], wc[:, t:t + 1], out=a_)
+                for phase, off, t in taps[1:]:
+                    np.multiply(phases[phase, c0:c1, q0 + off:q0 + off + length], wc[:, t:t + 1], out=t_)
+                    a_ += t_
+                out_r[c0:c1, j, r0:r1] = a_.reshape(c1 - c0, r1 - r0, wq)[:, :, :ow]
+
+
+def conv_exact_taps(weights_absmax: int, x_absmax: int, kernel: tuple[int, ...]) -> bool:
+    """Whether a float32 sum over kernel taps of integer products is exact."""
+    return math.prod(kernel) * weights_absmax * x_absmax <= F32_EXACT
+
+
+class ConvPlan:
+    """Conv prepared once per op: attributes, weights (if constant), geometry per input shape."""
+
+    def __init__(self, attrs: ConvAttrs, w_const: np.ndarray | None, dtype=np.float32) -> None:
+        self.attrs = attrs
+        self.dtype = dtype
+        self.weights = ConvWeights.prepare(w_const, attrs.groups, dtype) if w_const is not None else None
+        self._geoms: dict[tuple, ConvGeometry] = {}
+
+    def weights_for(self, w: np.ndarray) -> ConvWeights:
+        return self.weights if self.weights is not None else ConvWeights.prepare(w, self.attrs.groups, self.dtype)
+
+    def geometry(self, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> ConvGeometry:
+        key = (x_shape, w_shape)
+        geom = self._geoms.get(key)
+        if geom is None:
+            geom = self._geoms[key] = geometry(self.attrs, x_shape, w_shape)
+        return geom

@@ -1,0 +1,287 @@
+"""Shared GEMM machinery: convolution geometry, im2col, and exact integer GEMMs through float BLAS.
+
+Why this module exists: every heavy kernel (float Conv, ConvInteger, QLinearConv, MatMulInteger,
+QLinearMatMul) comes down to "lay the input out as a matrix, multiply by the weights". Doing that
+in one place keeps a single im2col for float and integer data, and a single answer to the
+question "how do we multiply integers fast and exactly in numpy?":
+
+numpy's integer matmul does not call BLAS (it runs a naive loop at well under 1 GFLOP/s), so
+integer GEMMs are computed with float32 BLAS on float32 arrays that hold integers. float32
+represents every integer up to 2**24 exactly, and a dot product is exact when every partial sum
+stays within that range, whatever order BLAS adds in. Bounding |a| and |b| bounds each partial
+sum by K * max|a| * max|b|, so splitting K into chunks of at most 2**24 // (max|a| * max|b|)
+makes each chunk's GEMM exact; the chunks are then summed in float64 (exact to 2**53).
+
+`int_gemm_acc16` models the 16-bit accumulation of FBGEMM-style int8 kernels (vpmaddubsw +
+vpaddsw) exactly, saturation included; see its docstring for the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+#: float32 holds every integer of magnitude <= 2**24 exactly.
+F32_EXACT = 1 << 24
+#: float64 holds every integer of magnitude <= 2**53 exactly.
+F64_EXACT = 1 << 53
+#: Below this many K-steps per chunk, one float64 GEMM beats many thin float32 GEMMs.
+_MIN_F32_CHUNK = 128
+
+INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
+#: K-block after which FBGEMM's acc16 kernels spill the int16 accumulators into int32.
+ACC16_K_BLOCK = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution geometry and im2col
+# --------------------------------------------------------------------------------------------
+
+def conv_pads(in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int], pads: Sequence[int] | None, auto_pad: str
+              ) -> tuple[list[int], list[int]]:
+    """(pads_begin, pads_end) of a Conv/pool, resolving auto_pad as ONNX defines it."""
+    d = len(in_spatial)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, dil in zip(in_spatial, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * dil + 1 - size)
+            small, large = total // 2, total - total // 2
+            if auto_pad == "SAME_UPPER":
+                begin.append(small); end.append(large)
+            else:
+                begin.append(large); end.append(small)
+        return begin, end
+    if auto_pad == "VALID" or not pads:
+        return [0] * d, [0] * d
+    return list(pads[:d]), list(pads[d:2 * d])
+
+
+def conv_out_spatial(in_spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+                     dilations: Sequence[int], begin: Sequence[int], end: Sequence[int],
+                     ceil_mode: bool = False) -> list[int]:
+    """Output spatial size of a Conv/pool window sweep (floor or ceil division)."""
+    out = []
+    for size, k, s, dil, b, e in zip(in_spatial, kernel, strides, dilations, begin, end):
+        span = size + b + e - ((k - 1) * dil + 1)
+        n = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (n - 1) * s >= size + b:
+            n -= 1  # the last window would start in the end padding only
+        out.append(max(n, 0))
+    return out
+
+
+def pad_spatial(x: np.ndarray, begin: Sequence[int], end: Sequence[int], value: float = 0.0
+                ) -> np.ndarray:
+    """x (N, C, *S) padded on the spatial axes with a constant; x itself when no pad."""
+    if not any(begin) and not any(end):
+        return x
+    shape = x.shape[:2] + tuple(s + b + e for s, b, e in zip(x.shape[2:], begin, end))
+    out = np.full(shape, value, dtype=x.dtype) if value else np.zeros(shape, dtype=x.dtype)
+    inner = (slice(None), slice(None)) + tuple(slice(b, b + s) for b, s in zip(begin, x.shape[2:]))
+    out[inner] = x
+    return out
+
+
+def window_view(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
+                dilations: Sequence[int], out_spatial: Sequence[int]) -> np.ndarray:
+    """Read-only strided view (N, C, *kernel, *out) of a padded input: no copy."""
+    st = xp.strides
+    spatial = st[2:]
+    shape = xp.shape[:2] + tuple(kernel) + tuple(out_spatial)
+    strides_ = st[:2] + tuple(s * d for s, d in zip(spatial, dilations)) \
+        + tuple(s * k for s, k in zip(spatial, strides))
+    return as_strided(xp, shape=shape, strides=strides_, writeable=False)
+
+
+def im2col(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
+           dilations: Sequence[int], out_spatial: Sequence[int], groups: int = 1,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Columns (N, groups, C/groups * prod(kernel), prod(out)) of a padded input, one copy.
+
+    Row order inside a group is (channel, kernel offsets...), matching ONNX weights
+    (C_out, C_in/groups, *kernel) reshaped to (C_out, -1).
+    """
+    n, c = xp.shape[:2]
+    rows = c // groups * math.prod(kernel)
+    cols = math.prod(out_spatial)
+    if out is None:
+        out = np.empty((n, groups, rows, cols), dtype=xp.dtype)
+    view = window_view(xp, kernel, strides, dilations, out_spatial)
+    np.copyto(out.reshape(view.shape), view)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exact integer GEMM through float BLAS
+# --------------------------------------------------------------------------------------------
+
+def _absmax(x: np.ndarray) -> int:
+    if x.size == 0:
+        return 0
+    return int(max(abs(int(x.max())), abs(int(x.min()))))
+
+
+def exact_chunk(bound: int) -> int:
+    """Largest K-chunk whose float32 dot products stay exact when |a_k * b_k| <= bound."""
+    return F32_EXACT // max(bound, 1)
+
+
+def matmul_exact_f32(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
+    """a @ b, exactly, for float32 arrays holding integers with |a_ik * b_kj| <= bound.
+
+    Returns float32 when one GEMM is exact, else float64 (sums of exact float32 chunks, or one
+    float64 GEMM when the chunks would be too thin to run BLAS well). Callers convert to ints.
+    """
+    k = a.shape[-1]
+    chunk = exact_chunk(bound)
+    if k <= chunk:
+        return np.matmul(a, b)
+    if k * bound > F64_EXACT:
+        # Beyond float64's exact range: only integer arithmetic is exact (slow, never hit by
+        # 8-bit data: it needs K > 2**53 / 2**16).
+        return np.matmul(a.astype(np.int64), b.astype(np.int64)).astype(np.float64)
+    if chunk < _MIN_F32_CHUNK:
+        return np.matmul(a.astype(np.float64), b.astype(np.float64))
+    acc = np.matmul(a[..., :chunk], b[..., :chunk, :]).astype(np.float64)
+    for k0 in range(chunk, k, chunk):
+        acc += np.matmul(a[..., k0:k0 + chunk], b[..., k0:k0 + chunk, :])
+    return acc
+
+
+def to_int32(acc: np.ndarray) -> np.ndarray:
+    """Exact integer-valued float/int array -> int32, wrapping like a C int32 accumulator."""
+    if acc.dtype == np.int32:
+        return acc
+    if acc.dtype.kind == "f" and acc.size and np.abs(acc).max() < 2 ** 31:
+        return acc.astype(np.int32)
+    return acc.astype(np.int64).astype(np.int32)
+
+
+def int_gemm_exact(a: np.ndarray, b: np.ndarray, *, a_absmax: int | None = None,
+                   b_absmax: int | None = None) -> np.ndarray:
+    """Exact a @ b (int32) of integer arrays (matmul broadcasting), computed on float32 BLAS.
+
+    a_absmax / b_absmax bound the operands' magnitudes (computed from the data when omitted);
+    they choose the K-chunk so that every partial sum stays below 2**24.
+    """
+    a_bound = _absmax(a) if a_absmax is None else int(a_absmax)
+    b_bound = _absmax(b) if b_absmax is None else int(b_absmax)
+    acc = matmul_exact_f32(a.astype(np.float32), b.astype(np.float32), a_bound * b_bound)
+    return to_int32(acc)
+
+
+# --------------------------------------------------------------------------------------------
+# 16-bit accumulation (FBGEMM acc16)
+# --------------------------------------------------------------------------------------------
+
+def _sat16(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, INT16_MIN, INT16_MAX, out=x)
+
+
+def acc16_bound(a: np.ndarray, b: np.ndarray, k_block: int = ACC16_K_BLOCK) -> np.ndarray:
+    """Per (block, m, n): sum over the block of |a_mk| * |b_kn|, an upper bound on every int16
+    intermediate (pair sum and running sum) of the acc16 model. Exact (float32, small blocks)."""
+    m, k = a.shape
+    n = b.shape[1]
+    nblocks = max(1, -(-k // k_block))
+    abs_a = np.abs(a.astype(np.float32))
+    abs_b = np.abs(b.astype(np.float32))
+    out = np.empty((nblocks, m, n), dtype=np.float32)
+    for blk in range(nblocks):
+        k0, k1 = blk * k_block, min(k, (blk + 1) * k_block)
+        np.matmul(abs_a[:, k0:k1], abs_b[k0:k1], out=out[blk])
+    return out
+
+
+def acc16_safe_columns(b: np.ndarray, a_absmax: int = 255, k_block: int = ACC16_K_BLOCK
+                       ) -> np.ndarray:
+    """Columns of weights b (K, N) for which acc16 provably cannot saturate with any
+    activations of magnitude <= a_absmax: a_absmax * sum_k |b_kn| <= 32767 in every K-block.
+    (For kernel choice: such columns give exactly the int32-accumulation result.)"""
+    k, n = b.shape
+    abs_b = np.abs(b.astype(np.int64))
+    pad = (-k) % k_block
+    if pad:
+        abs_b = np.concatenate([abs_b, np.zeros((pad, n), dtype=np.int64)])
+    block_l1 = abs_b.reshape(-1, k_block, n).sum(axis=1)
+    return (block_l1 * int(a_absmax) <= INT16_MAX).all(axis=0)
+
+
+def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK,
+                   saturate_sum: bool = True) -> np.ndarray:
+    """a (M, K) uint8/int8 @ b (K, N) int8 under FBGEMM-style 16-bit accumulation, exactly.
+
+    The model (per output element (m, n), K zero-padded to a multiple of k_block and of 2):
+        acc32 = 0
+        for each K-block of k_block consecutive k (in ascending k order):
+            acc16 = 0
+            for each pair (k, k+1) in the block, ascending:           # vpmaddubsw
+                pair = sat16(a[m,k] * b[k,n] + a[m,k+1] * b[k+1,n])
+                acc16 = sat16(acc16 + pair)                           # vpaddsw
+            acc32 += acc16                                            # vpmovsxwd + vpaddd
+    where sat16 clamps to [-32768, 32767]. Without saturation this is the exact product.
+
+    saturate_sum=False models the other common AVX2 u8s8 kernel (vpmaddubsw, then vpmaddwd
+    with ones into int32, as onnxruntime's MLAS does without VNNI): pairs saturate, their sum
+    does not: result = sum over pairs of sat16(a[m,k] b[k,n] + a[m,k+1] b[k+1,n]).
+
+    Fast path: sum_k |a_mk| |b_kn| over a block bounds every intermediate; where it is
+    <= 32767 the exact GEMM is the answer. The other (block, m, n) triples are emulated: per
+    block, on the sub-matrix of risky rows x risky columns, a loop over the block's k-pairs
+    applies the saturating updates to all those outputs at once (a loop over K, never over
+    outputs); the result replaces the exact block sum there.
+    """
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError("int_gemm_acc16 takes 2-D operands")
+    if k_block % 2:
+        raise ValueError("k_block must be even (products are summed in pairs)")
+    m, k = a.shape
+    n = b.shape[1]
+    exact = int_gemm_exact(a, b)
+    if m == 0 or n == 0 or k == 0:
+        return exact
+    nblocks = -(-k // k_block)
+    pad = nblocks * k_block - k
+    a32 = a.astype(np.int32)
+    b32 = b.astype(np.int32)
+    if pad:
+        a32 = np.concatenate([a32, np.zeros((m, pad), np.int32)], axis=1)
+        b32 = np.concatenate([b32, np.zeros((pad, n), np.int32)], axis=0)
+    # Cheap bound first (outer products of per-block row/column L1 norms and maxima).
+    abs_a = np.abs(a32).reshape(m, nblocks, k_block).astype(np.int64)
+    abs_b = np.abs(b32).reshape(nblocks, k_block, n).astype(np.int64)
+    cheap = np.minimum(abs_a.sum(axis=2).T[:, :, None] * abs_b.max(axis=1)[:, None, :],
+                       abs_a.max(axis=2).T[:, :, None] * abs_b.sum(axis=1)[:, None, :])
+    if cheap.max() <= INT16_MAX:
+        return exact
+    bound = acc16_bound(a, b, k_block)
+    if bound.max() <= INT16_MAX:
+        return exact
+    result = exact.astype(np.int64)
+    for blk in range(nblocks):
+        risky = bound[blk] > INT16_MAX
+        if not risky.any():
+            continue
+        rows = np.flatnonzero(risky.any(axis=1))
+        cols = np.flatnonzero(risky.any(axis=0))
+        k0 = blk * k_block
+        a_blk = a32[rows, k0:k0 + k_block]                       # (R, KB)
+        b_blk = b32[k0:k0 + k_block][:, cols]                     # (KB, C)
+        acc16 = np.zeros((len(rows), len(cols)), np.int32)
+        exact_blk = np.zeros_like(acc16)
+        for p in range(0, k_block, 2):    # the saturating scan is sequential by definition
+            pair = np.multiply.outer(a_blk[:, p], b_blk[p])
+            pair += np.multiply.outer(a_blk[:, p + 1], b_blk[p + 1])
+            exact_blk += pair
+            _sat16(pair)
+            acc16 += pair
+            if saturate_sum:
+                _sat16(acc16)
+        sub = np.ix_(rows, cols)
+        result[sub] += np.where(risky[sub], acc16 - exact_blk, 0)
+    return result.astype(np.int32)
