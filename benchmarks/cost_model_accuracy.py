@@ -37,7 +37,9 @@ import numpy as np  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.commands.analyze import make_feeds  # noqa: E402
 from graphopt.cost import CONSTANT, analyze_model  # noqa: E402
-from graphopt.machine import detect_machine, roofline, spearman  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from graphopt.machine import Machine, detect_machine, roofline, spearman  # noqa: E402
 from graphopt.report import format_table  # noqa: E402
 
 
@@ -59,6 +61,18 @@ def models() -> list[tuple[str, str, dict]]:
     except ImportError:
         print("rapidocr-onnxruntime not installed: PP-OCR det skipped")
     return found
+
+
+def variants(machine: Machine) -> list[tuple[str, Machine]]:
+    """The roofline with its refinements switched on one by one (ablation): each should help on
+    both models, or it is fitting noise."""
+    plain = replace(machine, cache_bandwidth=machine.bandwidth, vector_rate=machine.fp32_flops,
+                    gather_bandwidth=1e30, gather_bandwidth_strided=1e30)
+    cached = replace(plain, cache_bandwidth=machine.cache_bandwidth)
+    gathers = replace(cached, gather_bandwidth=machine.gather_bandwidth,
+                      gather_bandwidth_strided=machine.gather_bandwidth_strided)
+    return [("plain roofline", plain), ("+ cache-aware bw", cached),
+            ("+ im2col/gather phase", gathers), ("+ numpy vector rate (full)", machine)]
 
 
 def measure(path: str, shapes: dict, runs: int) -> tuple[dict[str, float], int]:
@@ -89,7 +103,7 @@ def main() -> int:
     print(f"machine: {machine.cpu}, {machine.isa}, fp32 {machine.fp32_flops / 1e9:.1f} GFLOP/s "
           f"per core, {machine.bandwidth / 1e9:.1f} GB/s, op overhead "
           f"{machine.op_overhead * 1e6:.2f} us; BLAS threads {THREADS}; {args.runs} runs\n")
-    rows = []
+    rows, ablation = [], []
     for name, path, shapes in models():
         cost = analyze_model(graphopt.load(path), shapes)
         measured, peak = measure(path, shapes, args.runs)
@@ -105,6 +119,9 @@ def main() -> int:
         rho = spearman(pred, meas)
         rho_flops = spearman([c.flops for c, _, _ in pairs], meas)
         rho_bytes = spearman([c.total_bytes for c, _, _ in pairs], meas)
+        ablation.append([name] + [
+            round(spearman([roofline(c, m, threads=THREADS).time for c, _, _ in pairs], meas), 3)
+            for _, m in variants(machine)])
         rows.append([name, len(pairs), round(rho, 3), round(rho_flops, 3), round(rho_bytes, 3),
                      round(sum(pred) * 1e3, 1), round(sum(meas) * 1e3, 1),
                      round(cost.max_live_activation_bytes / 2**20, 1), round(peak / 2**20, 1)])
@@ -115,6 +132,8 @@ def main() -> int:
             print(details(name, pairs))
     print(format_table(rows, ["model", "ops", "spearman", "flops only", "bytes only",
                               "pred ms", "meas ms", "static live MiB", "runtime peak MiB"]))
+    print("\nablation: Spearman rho as the roofline's refinements are added")
+    print(format_table(ablation, ["model"] + [label for label, _ in variants(machine)]))
     return 0
 
 

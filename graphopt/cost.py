@@ -229,12 +229,15 @@ def op_label(op: Op) -> str:
 # ---------------------------------------------------------------------------------------------
 def analyze_model(graph: Graph, input_shapes: Mapping[str, Shape] | None = None, *,
                   example_inputs: Mapping[str, np.ndarray] | None = None,
-                  require_static: bool = True) -> ModelCost:
+                  require_static: bool = True, infer: bool = True) -> ModelCost:
     """Cost every op of the (root) graph.
 
-    Runs shape inference on `graph` (filling its values' shapes). Symbolic input dims are pinned
-    by `input_shapes` or by the shapes of `example_inputs`; with `require_static`, a graph input
-    whose shape stays dynamic is a UsageError naming the `--shape` option that fixes it.
+    Runs shape inference on `graph` (filling its values' shapes) unless `infer` is False (the
+    shapes were filled otherwise, e.g. from a run). Symbolic input dims are pinned by
+    `input_shapes` or by the shapes of `example_inputs`; with `require_static`, a graph input
+    whose shape stays dynamic is a UsageError naming the `--shape` option that fixes it. Ops whose
+    shapes stay unknown (data-dependent, such as a Range over a runtime length) get `known=False`
+    and zero FLOPs.
     """
     from graphopt.shapes import infer_shapes
 
@@ -245,7 +248,8 @@ def analyze_model(graph: Graph, input_shapes: Mapping[str, Shape] | None = None,
     if unknown:
         raise UsageError(f"no graph input named {unknown[0]!r} "
                          f"(inputs: {', '.join(_runtime_inputs(graph)) or 'none'})")
-    infer_shapes(graph, pinned, overwrite=bool(pinned))
+    if infer:
+        infer_shapes(graph, pinned, overwrite=bool(pinned))
     ctx = CostContext(graph, pinned)
     if require_static:
         for name in _runtime_inputs(graph):

@@ -253,9 +253,11 @@ def machine_key(cpu: str, flags: set[str]) -> str:
     return digest[:16]
 
 
-def detect_machine(*, measure: bool = True, use_cache: bool = True) -> Machine:
+def detect_machine(*, measure: bool = True, use_cache: bool = True,
+                   refresh: bool = False) -> Machine:
     """The host CPU. With `measure`, peaks come from the cached micro-benchmark (run on a cache
-    miss, about two seconds); without, from nominal figures (for tests and quick looks)."""
+    miss or with `refresh`, about a second); without, from nominal figures (for tests and quick
+    looks). A measurement taken while other work loads the cores is low: `refresh` retakes it."""
     cpu, flags = cpu_info()
     isa = isa_of(flags)
     features = sorted(f for f in _FEATURE_FLAGS if f in flags)
@@ -264,7 +266,7 @@ def detect_machine(*, measure: bool = True, use_cache: bool = True) -> Machine:
                       measured=False)
     if not measure:
         return machine
-    peaks = _cached_peaks(machine_key(cpu, flags), use_cache)
+    peaks = _cached_peaks(machine_key(cpu, flags), use_cache, refresh)
     return replace(machine, measured=True, **{k: float(v) for k, v in peaks.items()
                                               if k in _PEAK_FIELDS})
 
@@ -274,9 +276,9 @@ def _nominal_flops(isa: str) -> float:
     return 2.5e9 * 2 * INT8_THROUGHPUT[isa].fp32_macs_per_cycle
 
 
-def _cached_peaks(key: str, use_cache: bool) -> dict[str, float]:
+def _cached_peaks(key: str, use_cache: bool, refresh: bool = False) -> dict[str, float]:
     path = cache_dir() / f"machine-{key}.json"
-    if use_cache:
+    if use_cache and not refresh:
         try:
             data = json.loads(path.read_text())
             if data.get("version") == _CACHE_VERSION:

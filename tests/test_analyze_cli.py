@@ -177,3 +177,35 @@ def test_measure_reports_per_op_times(model_path, capsys, tmp_path):
     assert data["model"]["max_live_activation_source"] == "runtime"
     assert all(o["measured_ms"] is not None and o["measured_ms"] >= 0 for o in data["ops"])
     assert sum(r["count"] for r in data["op_types"]) == 5
+
+
+def range_model() -> onnx.ModelProto:
+    """y = r * r with r = Range(0, len(x)): a data-dependent shape onnx inference cannot see."""
+    zero = numpy_helper.from_array(np.array(0, np.int64), "zero")
+    one = numpy_helper.from_array(np.array(1, np.int64), "one")
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0, name="len"),
+             helper.make_node("Range", ["zero", "n", "one"], ["r"], name="range"),
+             helper.make_node("Cast", ["r"], ["f"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["f", "f"], ["y"], name="square")]
+    graph = helper.make_graph(nodes, "range", [helper.make_tensor_value_info("x", F, ["N", 4])],
+                              [helper.make_tensor_value_info("y", F, None)], [zero, one])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.skipif(not _runtime_runs_small_model(),
+                    reason="the graphopt runtime cannot run Conv/MatMul models yet")
+def test_data_dependent_shapes_come_from_a_run_on_the_example_input(tmp_path, capsys):
+    path = tmp_path / "range.onnx"
+    onnx.save(range_model(), str(path))
+    np.save(tmp_path / "x.npy", np.zeros((7, 4), np.float32))
+    out = tmp_path / "a.json"
+    code, _, _ = run_cli(capsys, "analyze", path, "--shape", "x=7,4", "--json", out)
+    assert code == 0
+    square = {o["name"]: o for o in json.loads(out.read_text())["ops"]}["square"]
+    assert not square["known"] and square["flops"] == 0     # shapes alone cannot tell
+    code, _, _ = run_cli(capsys, "analyze", path, "--input", f"x={tmp_path / 'x.npy'}",
+                         "--json", out)
+    assert code == 0
+    square = {o["name"]: o for o in json.loads(out.read_text())["ops"]}["square"]
+    assert square["known"] and square["flops"] == 7 and square["output_bytes"] == 28

@@ -198,6 +198,8 @@ def test_detect_machine_caches_the_benchmark(tmp_path, monkeypatch):
     assert first.vector_rate == 3e9 and first.gather_bandwidth_strided == 4e9
     files = list(tmp_path.glob("machine-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["peaks"]["bandwidth"] == 8e9
+    mm.detect_machine(refresh=True)                     # --remeasure: measure and rewrite
+    assert len(calls) == 2 and len(list(tmp_path.glob("machine-*.json"))) == 1
     nominal = mm.detect_machine(measure=False)
     assert not nominal.measured and nominal.fp32_flops > 0
 

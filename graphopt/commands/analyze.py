@@ -67,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw the roofline and the GEMM shape scatter (needs matplotlib)")
     parser.add_argument("--measure", action="store_true",
-                        help="run the model in the graphopt runtime and show measured time per op")
+                        help="run the model in the graphopt runtime and show measured time per op "
+                             "(BLAS uses its configured threads; OPENBLAS_NUM_THREADS=1 matches "
+                             "the one-core prediction)")
     parser.add_argument("--runs", type=int, default=3, metavar="N",
                         help="timed runs for --measure, after one warm-up (default 3)")
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
@@ -79,21 +81,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "avx512-vnni, amx")
     parser.add_argument("--top", type=int, default=15, metavar="N",
                         help="ops to list by predicted time (default 15)")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="retake this machine's micro-benchmark (cached per machine in "
+                             "~/.cache/graphopt) instead of reusing it")
 
 
 def run(args: argparse.Namespace) -> int:
     import graphopt
-    from graphopt.machine import modeled_machine
+    from graphopt.machine import detect_machine, modeled_machine
 
+    from graphopt.errors import UsageError
+    from graphopt.machine import TARGETS
+
+    if args.target not in TARGETS:
+        raise UsageError(f"unknown --target {args.target!r} (choose from {', '.join(TARGETS)})")
     shapes = parse_shapes(args.shape)
     examples = load_inputs(args.input)
     if args.top < 0 or args.runs < 1:
-        from graphopt.errors import UsageError
         raise UsageError("--top must be >= 0 and --runs >= 1")
     if args.plot:
         _require_matplotlib()
     graph = graphopt.load(args.model)
-    machine = modeled_machine(args.target)
+    machine = modeled_machine(args.target, detect_machine(refresh=args.remeasure))
     report = analyze(graph, machine, input_shapes=shapes, example_inputs=examples,
                      measure_runs=args.runs if args.measure else 0, path=args.model)
     print(render_text(report, top=args.top))
@@ -183,6 +192,12 @@ def analyze(graph, machine, *, input_shapes=None, example_inputs=None, measure_r
     from graphopt.machine import roofline, spearman
 
     cost = analyze_model(graph, input_shapes, example_inputs=example_inputs)
+    if (example_inputs or measure_runs) and any(not c.known for c in cost.ops):
+        # Data-dependent shapes (a Range over a sequence length...) that inference cannot
+        # resolve: take them from one run on the example (or generated) inputs.
+        if fill_shapes_from_run(graph, make_feeds(graph, cost.input_shapes, example_inputs),
+                                [c for c in cost.ops if not c.known]):
+            cost = analyze_model(graph, input_shapes, example_inputs=example_inputs, infer=False)
     ops: list[dict] = []
     for c in cost.ops:
         entry = c.to_dict()
@@ -242,6 +257,41 @@ def analyze(graph, machine, *, input_shapes=None, example_inputs=None, measure_r
         "op_types": type_rows,
         "measure": measure,
     }
+
+
+def fill_shapes_from_run(graph, feeds: dict, unknown_ops) -> int:
+    """Run the graph once in the graphopt runtime, asking for the values whose shapes the ops in
+    `unknown_ops` lack, and record their actual shapes and dtypes; returns how many were filled
+    (0 when the runtime is missing or cannot run the model: the ops then stay unknown)."""
+    import numpy as np
+
+    from graphopt.errors import GraphoptError
+    from graphopt.ir import np_dtype_to_onnx
+
+    wanted: list[str] = []
+    for c in unknown_ops:
+        op = graph.ops[c.op_id]
+        for name in (*op.inputs, *op.outputs):
+            value = graph.values.get(name) if name else None
+            if value is not None and value.static_shape is None and not value.is_const \
+                    and name not in wanted and not graph.is_input(name):
+                wanted.append(name)
+    if not wanted:
+        return 0
+    try:
+        from graphopt.runtime import Session
+
+        results = Session(graph).run(feeds, wanted)
+    except (ImportError, GraphoptError):
+        return 0
+    filled = 0
+    for name, array in results.items():
+        if isinstance(array, np.ndarray):
+            value = graph.values[name]
+            value.shape = tuple(int(d) for d in array.shape)
+            value.dtype = value.dtype or np_dtype_to_onnx(array.dtype)
+            filled += 1
+    return filled
 
 
 def measure_ops(graph, input_shapes, example_inputs, runs: int):
