@@ -1,0 +1,422 @@
+"""Fold linear per-channel arithmetic into the weights and bias of Conv, ConvTranspose, Gemm and
+MatMul, and turn MatMul + Add(bias) into Gemm.
+
+After a "head" op with constant weights, a chain of inference BatchNormalization and Mul/Div/
+Add/Sub by per-output-channel constants is an affine map y = head(x) * s + t per output channel:
+s multiplies the weights' output channels, t joins the bias. Before a head, a per-input-channel
+scale x * s folds into the weights' input channels (padding zeros stay zeros, so it holds for
+padded convs too), and a per-input-channel shift x + c folds into the bias as W @ c only where
+every output sees a full window of shifted inputs: a Conv without padding, or a Gemm. Before a
+padded Conv the shift does not fold (the padding zeros would have to become -c), nor before a
+ConvTranspose (border outputs get fewer contributions).
+
+Scales and shifts are combined in float64; weights are multiplied in their own dtype (at least
+float32): the product of two floats rounds once either way, and a ResNet-50's weights are not
+copied to float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.ir import Graph, Op
+from graphopt.pass_manager import Pass, PassContext, PassResult
+from graphopt.passes.fusion_common import (constant, is_float_array, is_onnx, new_const,
+                                           other_input, replace_ops, sole_reader)
+
+#: Ops whose weights can absorb per-channel scales and shifts.
+HEAD_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+# ---------------------------------------------------------------------------------------------
+# what a head looks like
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Head:
+    """A Conv/ConvTranspose/Gemm/MatMul whose weights are constant, with the layout facts the
+    folds need: output rank and channel axis, channel counts, the bias (None if it has none)."""
+
+    op: Op
+    weight: np.ndarray
+    weight_slot: int
+    out_rank: int | None      # None: unknown (a MatMul whose activation rank is unknown)
+    out_axis: int             # output channel axis (non-negative when out_rank is known, else -1)
+    out_channels: int
+    in_channels: int
+    bias: np.ndarray | None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.weight.dtype
+
+
+def as_head(graph: Graph, op: Op) -> Head | None:
+    """The op as a foldable head, or None (unsupported op, non-constant or non-float weights)."""
+    if not is_onnx(op, *HEAD_TYPES) or len(op.outputs) != 1 or len(op.inputs) < 2:
+        return None
+    if op.op_type == "Gemm":
+        return _gemm_head(graph, op)
+    weight = constant(graph, op.inputs[1])
+    if not is_float_array(weight):
+        return None
+    bias = constant(graph, op.inputs[2]) if len(op.inputs) > 2 and op.inputs[2] else None
+    if len(op.inputs) > 2 and op.inputs[2] and bias is None:
+        return None
+    if op.op_type == "MatMul":
+        if weight.ndim < 2:
+            return None
+        rank_a = graph.values[op.inputs[0]].rank
+        if rank_a is not None and rank_a < 2:
+            return None
+        out_rank = None if rank_a is None else max(rank_a, weight.ndim)
+        return Head(op, weight, 1, out_rank, -1 if out_rank is None else out_rank - 1,
+                    weight.shape[-1], weight.shape[-2], None)
+    if weight.ndim < 3:
+        return None
+    group = int(op.attrs.get("group", 1))
+    if op.op_type == "Conv":
+        out_channels, in_channels = weight.shape[0], weight.shape[1] * group
+    else:  # ConvTranspose: (C_in, C_out / group, k...)
+        out_channels, in_channels = weight.shape[1] * group, weight.shape[0]
+    if bias is not None and bias.shape != (out_channels,):
+        return None
+    return Head(op, weight, 1, weight.ndim, 1, out_channels, in_channels, bias)
+
+
+def _gemm_head(graph: Graph, op: Op) -> Head | None:
+    weight = constant(graph, op.inputs[1])
+    if not is_float_array(weight) or weight.ndim != 2:
+        return None
+    c_name = op.inputs[2] if len(op.inputs) > 2 else ""
+    bias = constant(graph, c_name) if c_name else None
+    if c_name and bias is None:
+        return None
+    trans_b = int(op.attrs.get("transB", 0))
+    k, n = weight.shape[::-1] if trans_b else weight.shape
+    return Head(op, weight, 1, 2, 1, n, k, bias)
+
+
+def per_channel(array: np.ndarray, rank: int | None, axis: int, channels: int) -> np.ndarray | None:
+    """`array` as a float64 vector over `channels` along `axis` of a rank-`rank` tensor, if
+    broadcasting it against such a tensor varies only along that axis and does not grow the
+    tensor; else None. With an unknown rank, only a scalar or a vector on the last axis is safe."""
+    if rank is None:
+        if axis != -1 or array.ndim > 1:
+            return None
+        rank, axis = max(array.ndim, 1), max(array.ndim, 1) - 1
+    if array.ndim > rank:
+        return None
+    shape = (1,) * (rank - array.ndim) + array.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(array.reshape(-1).astype(np.float64), (channels,)) \
+        if shape[axis] == channels else np.full(channels, float(array.reshape(-1)[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# weight arithmetic
+# ---------------------------------------------------------------------------------------------
+def _compute(head: Head, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and scale in the dtype the multiplication runs in (at least float32)."""
+    dtype = np.promote_types(head.weight.dtype, np.float32)
+    return head.weight.astype(dtype, copy=False), scale.astype(dtype)
+
+
+def scale_output_channels(head: Head, scale: np.ndarray) -> np.ndarray:
+    """The head's weights with output channel j multiplied by scale[j]."""
+    w, scale = _compute(head, scale)
+    op = head.op
+    if op.op_type == "Conv":
+        return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    if op.op_type == "ConvTranspose":
+        group = int(op.attrs.get("group", 1))
+        grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+        s = scale.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
+        return (grouped * s).reshape(w.shape)
+    if op.op_type == "Gemm" and int(op.attrs.get("transB", 0)):
+        return w * scale[:, None]
+    return w * scale  # Gemm (K, N) and MatMul (..., K, N): the last axis
+
+
+def scale_input_channels(head: Head, scale: np.ndarray) -> np.ndarray:
+    """The head's weights with input channel k multiplied by scale[k]."""
+    w, scale = _compute(head, scale)
+    op = head.op
+    if op.op_type == "Conv":
+        group = int(op.attrs.get("group", 1))
+        per_group = w.shape[1]
+        grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+        s = scale.reshape((group, 1, per_group) + (1,) * (w.ndim - 2))
+        return (grouped * s).reshape(w.shape)
+    if op.op_type == "ConvTranspose":
+        return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    if op.op_type == "Gemm" and int(op.attrs.get("transB", 0)):
+        return w * scale  # (N, K)
+    return w * scale[:, None]  # Gemm (K, N) and MatMul (..., K, N)
+
+
+def weights_times_input(head: Head, shift: np.ndarray) -> np.ndarray:
+    """Per output channel, what a constant per-input-channel `shift` adds to the output (Conv
+    without padding: the sum of each filter times the shift; Gemm: shift @ B)."""
+    w = head.weight.astype(np.float64)
+    op = head.op
+    if op.op_type == "Conv":
+        group = int(op.attrs.get("group", 1))
+        grouped = w.reshape(group, w.shape[0] // group, w.shape[1], -1)
+        per_out = np.einsum("gokx,gk->go", grouped, shift.reshape(group, w.shape[1]))
+        return per_out.reshape(-1)
+    b = w.T if int(op.attrs.get("transB", 0)) else w
+    return shift @ b * float(op.attrs.get("alpha", 1.0))
+
+
+def _set_weight(graph: Graph, head: Head, weight: np.ndarray) -> None:
+    value = new_const(graph, weight.astype(head.dtype, copy=False), f"{head.op.name or head.op.op_type}_w")
+    graph.set_input(head.op, head.weight_slot, value)
+
+
+def _set_bias(graph: Graph, head: Head, bias: np.ndarray) -> None:
+    """Give the head's bias slot (Conv B, Gemm C) a new constant; for Gemm, C is now taken
+    with beta = 1."""
+    op = head.op
+    value = new_const(graph, bias.astype(head.dtype), f"{op.name or op.op_type}_b")
+    inputs = list(op.inputs) + [""] * (3 - len(op.inputs))
+    inputs[2] = value.name
+    graph.set_inputs(op, inputs)
+    if op.op_type == "Gemm":
+        op.attrs["beta"] = 1.0
+
+
+def _gemm_bias(head: Head) -> np.ndarray:
+    """Gemm's effective bias beta * C (0 when absent), at least 1-D."""
+    if head.bias is None:
+        return np.zeros(1)
+    return np.atleast_1d(head.bias.astype(np.float64) * float(head.op.attrs.get("beta", 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# after the head
+# ---------------------------------------------------------------------------------------------
+def _batchnorm_affine(graph: Graph, bn: Op, head: Head) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) of an inference BatchNormalization over the head's output channels."""
+    if head.out_rank is None or head.out_axis != 1 or len(bn.inputs) < 5:
+        return None
+    if int(bn.attrs.get("training_mode", 0)) or int(bn.attrs.get("spatial", 1)) != 1:
+        return None
+    if any(name and graph.has_users(name) for name in bn.outputs[1:]):
+        return None
+    params = [constant(graph, name) for name in bn.inputs[1:5]]
+    if any(p is None or not is_float_array(p) or p.shape != (head.out_channels,) for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    denom = var + float(bn.attrs.get("epsilon", 1e-5))
+    if np.any(denom <= 0):
+        return None
+    scale = gamma / np.sqrt(denom)
+    return scale, beta - mean * scale
+
+
+def _affine_step(graph: Graph, op: Op, carried: str, head: Head
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The op reading `carried` as a per-channel affine map x -> x * a + b, returned as (a, b);
+    None if it is not one (or not foldable)."""
+    if is_onnx(op, "BatchNormalization"):
+        return _batchnorm_affine(graph, op, head) if op.inputs[0] == carried else None
+    if not is_onnx(op, "Mul", "Add", "Sub", "Div"):
+        return None
+    other = other_input(op, carried)
+    array = constant(graph, other) if other else None
+    if array is None or array.dtype != head.dtype:
+        return None
+    vec = per_channel(array, head.out_rank, head.out_axis, head.out_channels)
+    if vec is None:
+        return None
+    ones, zeros = np.ones(head.out_channels), np.zeros(head.out_channels)
+    carried_first = op.inputs[0] == carried
+    if op.op_type == "Mul":
+        return vec, zeros
+    if op.op_type == "Add":
+        return ones, vec
+    if op.op_type == "Sub":
+        return (ones, -vec) if carried_first else (-ones, vec)
+    if not carried_first or np.any(vec == 0):  # c / x is not affine; x / 0 stays as it is
+        return None
+    return 1.0 / vec, zeros
+
+
+class FoldAffineAfter(Pass):
+    """BatchNormalization (inference) and Mul/Div/Add/Sub by per-output-channel constants after
+    a Conv/ConvTranspose/Gemm/MatMul with constant weights fold into its weights and bias."""
+
+    name = "fold_affine_after"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for op in graph.topological_ops():
+            if op.graph is not graph:
+                continue
+            head = as_head(graph, op)
+            if head is not None:
+                self._fold(graph, head, result)
+        return result
+
+    def _fold(self, graph: Graph, head: Head, result: PassResult) -> None:
+        scale = np.ones(head.out_channels)
+        shift = np.zeros(head.out_channels)
+        chain: list[Op] = []
+        carried = head.op.outputs[0]
+        while True:
+            reader = sole_reader(graph, carried)
+            step = None if reader is None else _affine_step(graph, reader, carried, head)
+            if step is None:
+                break
+            a, b = step
+            scale, shift = scale * a, shift * a + b
+            chain.append(reader)
+            carried = reader.outputs[0]
+        if not chain:
+            return
+        has_shift = any(not is_onnx(o, "Mul", "Div") for o in chain)
+        op = head.op
+        if op.op_type == "MatMul" and has_shift and len(chain) == 1:
+            return  # a lone bias Add after MatMul is already as folded as it gets
+        _set_weight(graph, head, scale_output_channels(head, scale))
+        new_out = op.outputs[0]
+        if op.op_type in ("Conv", "ConvTranspose"):
+            bias = np.zeros(head.out_channels) if head.bias is None else head.bias.astype(np.float64)
+            if head.bias is not None or has_shift:
+                _set_bias(graph, head, bias * scale + shift)
+        elif op.op_type == "Gemm":
+            if head.bias is not None or has_shift:
+                _set_bias(graph, head, _gemm_bias(head) * scale + shift)
+        elif has_shift:  # MatMul has no bias input: one Add of the combined shift remains
+            bias_value = new_const(graph, shift.astype(head.dtype), f"{op.name or 'MatMul'}_b")
+            add = graph.add_op("Add", [op.outputs[0], bias_value.name], 1,
+                               name=f"{op.name or 'MatMul'}_bias")
+            new_out = add.outputs[0]
+        replace_ops(graph, chain, carried, new_out)
+        for folded in chain:
+            key = {"BatchNormalization": "batchnorms_folded", "Mul": "scales_folded",
+                   "Div": "scales_folded"}.get(folded.op_type, "shifts_folded")
+            result.count(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# before the head
+# ---------------------------------------------------------------------------------------------
+def _input_rank_and_axis(graph: Graph, head: Head) -> tuple[int | None, int]:
+    """Rank of the head's data input and its input-channel axis (-1 with an unknown rank)."""
+    op = head.op
+    if op.op_type in ("Conv", "ConvTranspose"):
+        return head.weight.ndim, 1
+    if op.op_type == "Gemm":
+        return 2, 0 if int(op.attrs.get("transA", 0)) else 1
+    rank = graph.values[op.inputs[0]].rank
+    return rank, -1 if rank is None else rank - 1
+
+
+def _conv_has_padding(op: Op) -> bool:
+    if op.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+        return True
+    return any(int(p) != 0 for p in op.attrs.get("pads", []))
+
+
+class FoldAffineBefore(Pass):
+    """Mul/Div by a per-input-channel constant before a Conv/ConvTranspose/Gemm/MatMul folds into
+    its weights; Add/Sub of one folds into the bias of a Gemm or of a Conv without padding."""
+
+    name = "fold_affine_before"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        for op in graph.topological_ops():
+            if op.graph is not graph:
+                continue
+            while True:
+                head = as_head(graph, op)
+                if head is None or not self._fold_one(graph, head, result):
+                    break
+        return result
+
+    def _fold_one(self, graph: Graph, head: Head, result: PassResult) -> bool:
+        op = head.op
+        x = op.inputs[0]
+        prev = graph.producer_op(x)
+        if prev is None or sole_reader(graph, x) is not op or len(prev.outputs) != 1 \
+                or not is_onnx(prev, "Mul", "Div", "Add", "Sub"):
+            return False
+        source = next((n for n in prev.inputs if constant(graph, n) is None), None)
+        const_name = other_input(prev, source) if source else None
+        array = constant(graph, const_name) if const_name else None
+        if array is None or array.dtype != head.dtype:
+            return False
+        rank, axis = _input_rank_and_axis(graph, head)
+        vec = per_channel(array, rank, axis, head.in_channels)
+        if vec is None:
+            return False
+        source_first = prev.inputs[0] == source
+        if prev.op_type in ("Mul", "Div"):
+            if prev.op_type == "Div" and (not source_first or np.any(vec == 0)):
+                return False
+            _set_weight(graph, head, scale_input_channels(head, vec if prev.op_type == "Mul"
+                                                          else 1.0 / vec))
+            stat = "input_scales_folded"
+        else:
+            if not source_first and prev.op_type == "Sub":
+                return False  # c - x would also flip the weights' sign; rare, left alone
+            if op.op_type == "MatMul" or op.op_type == "ConvTranspose" \
+                    or op.op_type == "Conv" and _conv_has_padding(op):
+                return False
+            shift = vec if prev.op_type == "Add" else -vec
+            added = weights_times_input(head, shift)
+            base = _gemm_bias(head) if op.op_type == "Gemm" else (
+                np.zeros(head.out_channels) if head.bias is None else head.bias.astype(np.float64))
+            _set_bias(graph, head, base + added)
+            stat = "input_shifts_folded"
+        graph.set_input(op, 0, source)
+        if not graph.has_users(prev.outputs[0]):
+            graph.remove_op(prev)
+        result.count(stat)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# MatMul + Add -> Gemm
+# ---------------------------------------------------------------------------------------------
+class MatMulAddToGemm(Pass):
+    """MatMul of a 2-D activation by a 2-D matrix followed by Add of a constant bias that
+    broadcasts over the rows becomes one Gemm (the bias as C)."""
+
+    name = "matmul_add_to_gemm"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        if graph.opset() < 7:
+            return result  # older Gemm broadcast C only with its `broadcast` attribute
+        for op in list(graph.ops.values()):
+            if op.graph is not graph or not is_onnx(op, "MatMul"):
+                continue
+            a, b = (graph.values[n] for n in op.inputs)
+            b_const = constant(graph, b.name)
+            b_rank = b_const.ndim if b_const is not None else b.rank
+            if a.rank != 2 or b_rank != 2:
+                continue
+            add = sole_reader(graph, op.outputs[0])
+            if add is None or not is_onnx(add, "Add"):
+                continue
+            bias_name = other_input(add, op.outputs[0])
+            bias = constant(graph, bias_name) if bias_name else None
+            if bias is None or not is_float_array(bias) or bias.ndim > 2:
+                continue
+            n = b_const.shape[1] if b_const is not None else b.shape[1]
+            m = a.shape[0]
+            rows = bias.shape[0] if bias.ndim == 2 else 1
+            cols = bias.shape[-1] if bias.ndim >= 1 else 1
+            if cols not in (1, n) or rows != 1 and rows != m:
+                continue
+            gemm = graph.add_op("Gemm", [a.name, b.name, bias_name], 1,
+                                name=op.name or "Gemm")
+            replace_ops(graph, [op, add], add.outputs[0], gemm.outputs[0])
+            result.count("matmuls_to_gemm")
+        return result
