@@ -134,6 +134,9 @@ class OpCost:
     kernel: str = "fp32"
     #: Whether every input shape needed for the count was known.
     known: bool = True
+    #: Whether the weights are stored quantized (read through DequantizeLinear): weight_bytes
+    #: are then already int8 bytes.
+    quantized: bool = False
 
     @property
     def activation_bytes(self) -> int:
@@ -168,7 +171,7 @@ class OpCost:
             "intensity_total": _round(self.intensity_total),
             "gemm": self.gemm.to_dict() if self.gemm else None,
             "im2col_bytes": self.im2col_bytes, "im2col_stride": self.im2col_stride,
-            "kernel": self.kernel, "known": self.known,
+            "kernel": self.kernel, "known": self.known, "quantized": self.quantized,
         }
 
 
@@ -427,7 +430,7 @@ def op_cost(graph: Graph, op: Op, ctx: CostContext | None = None) -> OpCost:
     """The cost of `op`, from the graph's (inferred) shapes."""
     ctx = ctx or CostContext(graph)
     cost = OpCost(name=op_label(op), op_type=op.op_type, op_id=op.id, kind=OTHER,
-                  kernel=_kernel_of(op))
+                  kernel=_kernel_of(graph, op))
     seen: set[str] = set()
     known = True
     for slot, name in enumerate(op.inputs):
@@ -440,6 +443,7 @@ def op_cost(graph: Graph, op: Op, ctx: CostContext | None = None) -> OpCost:
             continue
         if ctx.is_constant(name):
             cost.weight_bytes += nbytes
+            cost.quantized |= _produced_by(graph, name, "DequantizeLinear")
         else:
             cost.input_bytes += nbytes
     for name in op.outputs:
@@ -491,11 +495,24 @@ def _static(ctx: CostContext, name: str) -> tuple[int, ...]:
     return shape
 
 
-def _kernel_of(op: Op) -> str:
+def _kernel_of(graph: Graph, op: Op) -> str:
+    """The op's `graphopt.kernel` meta; else int8_acc32 for integer ops and for a GEMM-like op
+    reading DequantizeLinear outputs (a QDQ pattern the runtime runs as one int8 kernel)."""
     chosen = op.meta.get("graphopt.kernel")
     if chosen:
         return chosen
-    return "int8_acc32" if op.op_type in _INT8_OPS else "fp32"
+    if op.op_type in _INT8_OPS:
+        return "int8_acc32"
+    slots = _CONV_SLOTS.get(op.op_type) or _MATMUL_SLOTS.get(op.op_type) \
+        or ((0, 1) if op.op_type == "Gemm" else None)
+    if slots and all(_produced_by(graph, _input(op, s), "DequantizeLinear") for s in slots[:2]):
+        return "int8_acc32"
+    return "fp32"
+
+
+def _produced_by(graph: Graph, name: str, op_type: str) -> bool:
+    found = graph.producer(name) if name and name in graph.values else None
+    return found is not None and found[0].op_type == op_type
 
 
 def _input(op: Op, slot: int | None) -> str:

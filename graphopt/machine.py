@@ -437,9 +437,10 @@ def roofline(cost, machine: Machine, kernel: str | None = None, threads: int = 1
     else:
         rate = machine.vector_rate * max(1, min(threads, machine.cores))
     compute = cost.flops / rate if cost.flops else 0.0
-    # int8 kernels read int8 weights and activations (a quarter of fp32) and write fp32/int8.
+    # int8 kernels read int8 weights and activations (a quarter of fp32) and write fp32/int8;
+    # weights stored quantized (QDQ) are counted in int8 bytes already.
     shrink = 4 if int8 else 1
-    weights = cost.weight_bytes // shrink
+    weights = cost.weight_bytes // (1 if getattr(cost, "quantized", False) else shrink)
     activations = cost.input_bytes // shrink + cost.output_bytes
     memory = weights / machine.bandwidth \
         + activations / machine.activation_bandwidth(activations)
@@ -483,8 +484,8 @@ def traffic_bytes(cost, kernel: str = "fp32") -> int:
     if cost.kind in ("view", "constant"):
         return 0
     if kernel.startswith("int8") and cost.gemm is not None:
-        return (cost.weight_bytes + cost.input_bytes + 2 * cost.im2col_bytes) // 4 \
-            + cost.output_bytes
+        weights = cost.weight_bytes if cost.quantized else cost.weight_bytes // 4
+        return weights + (cost.input_bytes + 2 * cost.im2col_bytes) // 4 + cost.output_bytes
     return cost.weight_bytes + cost.input_bytes + cost.output_bytes + 2 * cost.im2col_bytes
 
 

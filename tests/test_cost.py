@@ -207,7 +207,8 @@ def test_dequantized_weight_counts_stored_int8_bytes():
                [("wq", q), ("s", np.array(0.1, dtype=np.float32))])
     cost = analyze_model(g)
     mm = [c for c in cost.ops if c.op_type == "MatMul"][0]
-    assert mm.weight_bytes == 16 * 8 + 4
+    assert mm.weight_bytes == 16 * 8 + 4 and mm.quantized
+    assert mm.kernel == "fp32"          # the activation is float: not a QDQ int8 pattern
     assert cost.params == 16 * 8
     assert cost.weight_bytes == 16 * 8 + 4
 
@@ -309,3 +310,15 @@ def test_ppocr_det_costs_every_op():
     depthwise = [c for c in cost.ops if c.kind == DEPTHWISE]
     assert depthwise and all(c.gemm.N == 1 and c.gemm.groups > 1 for c in depthwise)
     assert [c.kind for c in cost.ops if c.op_type == "ConvTranspose"] == [GEMM, GEMM]
+
+
+def test_qdq_pattern_runs_as_int8_kernel():
+    g = _graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+                helper.make_node("DequantizeLinear", ["wq", "s"], ["w"]),
+                helper.make_node("MatMul", ["xd", "w"], ["y"])],
+               [("x", F, [4, 16])], [("y", F, None)],
+               [("wq", np.ones((16, 8), np.int8)), ("s", np.array(0.1, np.float32)),
+                ("z", np.array(0, np.uint8))])
+    mm = _only(g, "MatMul")
+    assert mm.kernel == "int8_acc32" and mm.quantized and mm.weight_bytes == 16 * 8 + 4

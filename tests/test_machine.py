@@ -227,3 +227,14 @@ def test_spearman_against_definition():
     rx, ry = rx - rx.mean(), ry - ry.mean()
     expected = (rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum())
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(expected)
+
+
+def test_int8_roofline_does_not_shrink_weights_stored_int8_twice():
+    m = _machine()
+    g = GemmShape(M=64, N=64, K=64)
+    fp32 = _cost(flops=2 * g.macs, w=4096 * 4, i=4096 * 4, o=4096 * 4, gemm=g)
+    qdq = _cost(flops=2 * g.macs, w=4096, i=4096 * 4, o=4096 * 4, gemm=g)
+    qdq.quantized = True
+    assert roofline(fp32, m, kernel="int8_acc32").memory_time == pytest.approx(
+        roofline(qdq, m, kernel="int8_acc32").memory_time)
+    assert traffic_bytes(fp32, "int8_acc32") == traffic_bytes(qdq, "int8_acc32") == 4096 * 6

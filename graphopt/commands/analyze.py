@@ -30,6 +30,7 @@ JSON (`--json FILE`), a stable contract (schema 1; fields are only ever added):
                   "ridge_flops_per_byte"},
       "ops": [{                            # every op, topological order
         "name": str, "op_type": str, "kind": str, "kernel": str, "known": bool,
+        "quantized": bool,                 # weights stored int8 (read through DequantizeLinear)
         "flops": int, "weight_bytes": int, "activation_bytes": int,   # activations in + out
         "input_bytes": int, "output_bytes": int, "im2col_bytes": int, "im2col_stride": int,
         "intensity_weights": float | null, "intensity_total": float | null,
