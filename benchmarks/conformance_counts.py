@@ -23,14 +23,7 @@ import warnings
 
 import numpy as np
 
-CORE_OPS = frozenset("""
-Abs Add And ArgMax AveragePool BatchNormalization Cast Clip Concat Constant ConstantOfShape Conv
-ConvInteger ConvTranspose DequantizeLinear Div Dropout DynamicQuantizeLinear Einsum Equal Erf Exp
-Expand Flatten Gather Gelu Gemm GlobalAveragePool Greater HardSigmoid HardSwish Identity If
-LayerNormalization LeakyRelu Less Log MatMul MatMulInteger Max MaxPool Min Mul Neg Not Pad Pow
-QLinearConv QLinearMatMul QuantizeLinear Range Reciprocal ReduceMax ReduceMean ReduceSum Relu
-Reshape Resize Shape Sigmoid Slice Softmax Split Sqrt Squeeze Sub Sum Tanh Tile Transpose Unsqueeze
-Where""".split())
+from graphopt.runtime.backend import CORE_OPS
 
 
 def load_cases(ops: str):
@@ -87,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         import graphopt.runtime.backend as graphopt_backend
         backends.append(("graphopt", graphopt_backend))
     if args.backend in ("onnxruntime", "both"):
+        import onnxruntime
         import onnxruntime.backend as ort_backend
+        onnxruntime.set_default_logger_severity(3)
         backends.append(("onnxruntime", ort_backend))
 
     print(f"{len(cases)} node tests whose first op is in the {args.ops} set")

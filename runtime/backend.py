@@ -19,6 +19,18 @@ from onnx.backend.base import Backend, BackendRep
 
 from graphopt.runtime.session import Session
 
+#: The op set of issue 3 whose node tests the default (non-slow) conformance run must cover and
+#: whose pass count is compared with onnxruntime's (tests/test_runtime_conformance.py,
+#: benchmarks/conformance_counts.py).
+CORE_OPS = frozenset("""
+Abs Add And ArgMax AveragePool BatchNormalization Cast Clip Concat Constant ConstantOfShape Conv
+ConvInteger ConvTranspose DequantizeLinear Div Dropout DynamicQuantizeLinear Einsum Equal Erf Exp
+Expand Flatten Gather Gelu Gemm GlobalAveragePool Greater HardSigmoid HardSwish Identity If
+LayerNormalization LeakyRelu Less Log MatMul MatMulInteger Max MaxPool Min Mul Neg Not Pad Pow
+QLinearConv QLinearMatMul QuantizeLinear Range Reciprocal ReduceMax ReduceMean ReduceSum Relu
+Reshape Resize Shape Sigmoid Slice Softmax Split Sqrt Squeeze Sub Sum Tanh Tile Transpose Unsqueeze
+Where""".split())
+
 
 class GraphoptRep(BackendRep):
     """A prepared model: runs a Session and returns outputs in graph output order."""
