@@ -61,24 +61,32 @@ class LiveBuffers:
 
     def add(self, value: Any) -> None:
         """A new environment entry points at `value`."""
-        for array in _arrays(value):
-            owner = owner_of(array)
-            key = id(owner)
-            if key in self._external:
-                continue
-            entry = self._owners.get(key)
-            if entry is None:
-                self._owners[key] = [1, owner.nbytes]
-                self.current += owner.nbytes
-                if self.current > self.peak:
-                    self.peak = self.current
-            else:
-                entry[0] += 1
+        if type(value) is np.ndarray:   # the common case, without the generator
+            self._add_array(value)
+        else:
+            for array in _arrays(value):
+                self._add_array(array)
+
+    def _add_array(self, array: np.ndarray) -> None:
+        while isinstance(array.base, np.ndarray):
+            array = array.base
+        key = id(array)
+        entry = self._owners.get(key)
+        if entry is not None:
+            entry[0] += 1
+        elif key not in self._external:
+            self._owners[key] = [1, array.nbytes]
+            self.current += array.nbytes
+            if self.current > self.peak:
+                self.peak = self.current
 
     def remove(self, value: Any) -> None:
         """An environment entry pointing at `value` was dropped."""
-        for array in _arrays(value):
-            key = id(owner_of(array))
+        arrays = (value,) if type(value) is np.ndarray else _arrays(value)
+        for array in arrays:
+            while isinstance(array.base, np.ndarray):
+                array = array.base
+            key = id(array)
             entry = self._owners.get(key)
             if entry is None:
                 continue

@@ -340,22 +340,22 @@ class GraphProgram:
                 profile: Profile | None) -> None:
         """Run the plan's steps over `env` (inputs, weights and outer values already in it)."""
         step = None
+        add, remove = live.add, live.remove
         try:
             for step in plan.steps:
                 kernel = step.kernel
+                fn = kernel.fn
                 args = [env[n] if n else None for n in step.inputs]
-                kwargs: dict[str, Any] = {}
-                if kernel.needs_scope:
-                    kwargs["scope"] = env
-                if step.inplace:
-                    out = _reusable(args, step.inplace, live)
-                    if out is not None:
-                        kwargs["out"] = out
-                if profile is None:
-                    results = kernel.fn(*args, **kwargs)
-                else:
+                out = _reusable(args, step.inplace, live) if step.inplace else None
+                if profile is not None:
                     start = time.perf_counter()
-                    results = kernel.fn(*args, **kwargs)
+                if kernel.needs_scope:
+                    results = fn(*args, scope=env)
+                elif out is not None:
+                    results = fn(*args, out=out)
+                else:
+                    results = fn(*args)
+                if profile is not None:
                     profile.add(kernel.label, kernel.op.op_type, time.perf_counter() - start)
                 if step.epilogues:
                     env[step.outputs[0]] = self._run_epilogues(step, results[0], env, live, profile)
@@ -363,9 +363,9 @@ class GraphProgram:
                     for name, value in zip(step.outputs, results):
                         if name:
                             env[name] = value
-                            live.add(value)
+                            add(value)
                 for name in step.release:
-                    live.remove(env.pop(name, None))
+                    remove(env.pop(name, None))
         except GraphoptError:
             raise
         except Exception as exc:
@@ -399,7 +399,7 @@ def _reusable(args: list[Any], slots: tuple[int, ...], live: memory.LiveBuffers)
     """The first candidate input whose buffer can take the output (see module doc)."""
     for slot in slots:
         cand = args[slot]
-        if not isinstance(cand, np.ndarray) or not cand.flags.writeable \
+        if type(cand) is not np.ndarray or not cand.flags.writeable \
                 or live.references(cand) != 1:
             continue
         shape = cand.shape
@@ -407,7 +407,7 @@ def _reusable(args: list[Any], slots: tuple[int, ...], live: memory.LiveBuffers)
         for other in args:
             if other is cand or other is None:
                 continue
-            other_shape = np.shape(other)
+            other_shape = other.shape if type(other) is np.ndarray else np.shape(other)
             if other_shape != shape:
                 try:
                     fits = np.broadcast_shapes(shape, other_shape) == shape
