@@ -245,41 +245,72 @@ def _affine_step(graph: Graph, op: Op, carried: str, head: Head
     return 1.0 / vec, zeros
 
 
+def _affine_chain(graph: Graph, head: Head) -> tuple[list[Op], np.ndarray, np.ndarray, str]:
+    """The foldable ops after `head` as (ops, scale, shift, value the chain ends in)."""
+    scale = np.ones(head.out_channels)
+    shift = np.zeros(head.out_channels)
+    chain: list[Op] = []
+    carried = head.op.outputs[0]
+    while True:
+        reader = sole_reader(graph, carried)
+        step = None if reader is None else _affine_step(graph, reader, carried, head)
+        if step is None:
+            return chain, scale, shift, carried
+        a, b = step
+        scale, shift = scale * a, shift * a + b
+        chain.append(reader)
+        carried = reader.outputs[0]
+
+
+def as_batchnorm_head(graph: Graph, op: Op) -> Head | None:
+    """A BatchNormalization that stayed on its own (nothing to fold into) as a head whose scale
+    and bias can absorb the per-channel arithmetic after it."""
+    if not is_onnx(op, "BatchNormalization") or len(op.inputs) < 5:
+        return None
+    if int(op.attrs.get("training_mode", 0)) or int(op.attrs.get("spatial", 1)) != 1 \
+            or any(name and graph.has_users(name) for name in op.outputs[1:]):
+        return None
+    gamma, beta = constant(graph, op.inputs[1]), constant(graph, op.inputs[2])
+    rank = graph.values[op.inputs[0]].rank
+    if not is_float_array(gamma) or beta is None or gamma.ndim != 1 or beta.shape != gamma.shape \
+            or beta.dtype != gamma.dtype or rank is None or rank < 2:
+        return None
+    return Head(op, gamma, 1, rank, 1, gamma.shape[0], gamma.shape[0], beta)
+
+
+def _stat(op: Op) -> str:
+    return {"BatchNormalization": "batchnorms_folded", "Mul": "scales_folded",
+            "Div": "scales_folded"}.get(op.op_type, "shifts_folded")
+
+
 class FoldAffineAfter(Pass):
     """BatchNormalization (inference) and Mul/Div/Add/Sub by per-output-channel constants after
-    a Conv/ConvTranspose/Gemm/MatMul with constant weights fold into its weights and bias."""
+    a Conv/ConvTranspose/Gemm/MatMul with constant weights fold into its weights and bias; after a
+    BatchNormalization that has nothing to fold into, into its scale and bias."""
 
     name = "fold_affine_after"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
-        for op in graph.topological_ops():
+        for op in graph.topological_ops():   # producers first: a BN is a head only if it stayed
             if op.graph is not graph:
                 continue
             head = as_head(graph, op)
             if head is not None:
                 self._fold(graph, head, result)
+                continue
+            bn_head = as_batchnorm_head(graph, op)
+            if bn_head is not None:
+                self._fold_into_batchnorm(graph, bn_head, result)
         return result
 
     def _fold(self, graph: Graph, head: Head, result: PassResult) -> None:
-        scale = np.ones(head.out_channels)
-        shift = np.zeros(head.out_channels)
-        chain: list[Op] = []
-        carried = head.op.outputs[0]
-        while True:
-            reader = sole_reader(graph, carried)
-            step = None if reader is None else _affine_step(graph, reader, carried, head)
-            if step is None:
-                break
-            a, b = step
-            scale, shift = scale * a, shift * a + b
-            chain.append(reader)
-            carried = reader.outputs[0]
+        chain, scale, shift, carried = _affine_chain(graph, head)
         if not chain:
             return
         has_shift = any(not is_onnx(o, "Mul", "Div") for o in chain)
         op = head.op
-        if op.op_type == "MatMul" and has_shift and len(chain) == 1:
+        if op.op_type == "MatMul" and len(chain) == 1 and is_onnx(chain[0], "Add", "Sub"):
             return  # a lone bias Add after MatMul is already as folded as it gets
         _set_weight(graph, head, scale_output_channels(head, scale))
         new_out = op.outputs[0]
@@ -297,9 +328,21 @@ class FoldAffineAfter(Pass):
             new_out = add.outputs[0]
         replace_ops(graph, chain, carried, new_out)
         for folded in chain:
-            key = {"BatchNormalization": "batchnorms_folded", "Mul": "scales_folded",
-                   "Div": "scales_folded"}.get(folded.op_type, "shifts_folded")
-            result.count(key)
+            result.count(_stat(folded))
+
+    def _fold_into_batchnorm(self, graph: Graph, head: Head, result: PassResult) -> None:
+        chain, scale, shift, carried = _affine_chain(graph, head)
+        if not chain:
+            return
+        op = head.op
+        assert head.bias is not None
+        gamma = new_const(graph, (head.weight * scale).astype(head.dtype), f"{op.name or 'bn'}_scale")
+        beta = new_const(graph, (head.bias * scale + shift).astype(head.dtype), f"{op.name or 'bn'}_B")
+        graph.set_input(op, 1, gamma)
+        graph.set_input(op, 2, beta)
+        replace_ops(graph, chain, carried, op.outputs[0])
+        for folded in chain:
+            result.count("into_batchnorm_" + _stat(folded))
 
 
 # ---------------------------------------------------------------------------------------------
