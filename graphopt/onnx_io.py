@@ -427,7 +427,7 @@ def _tensor_proto(value: Value) -> onnx.TensorProto:
         return copy
     array = value.const
     assert array is not None
-    tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(array), value.name)
+    tensor = onnx.numpy_helper.from_array(np.asarray(array, order="C"), value.name)
     if value.dtype and tensor.data_type != value.dtype and proto is not None:
         tensor.data_type = value.dtype  # e.g. bfloat16 stored by numpy as uint16
     return tensor
