@@ -386,19 +386,12 @@ class FoldAffineBefore(Pass):
         op = head.op
         x = op.inputs[0]
         prev = graph.producer_op(x)
-        if prev is None or sole_reader(graph, x) is not op or len(prev.outputs) != 1 \
-                or not is_onnx(prev, "Mul", "Div", "Add", "Sub"):
+        if prev is None or sole_reader(graph, x) is not op:
             return False
-        source = next((n for n in prev.inputs if constant(graph, n) is None), None)
-        const_name = other_input(prev, source) if source else None
-        array = constant(graph, const_name) if const_name else None
-        if array is None or array.dtype != head.dtype:
+        found = _channel_operand(graph, prev, head)
+        if found is None:
             return False
-        rank, axis = _input_rank_and_axis(graph, head)
-        vec = per_channel(array, rank, axis, head.in_channels)
-        if vec is None:
-            return False
-        source_first = prev.inputs[0] == source
+        source, vec, source_first = found
         if prev.op_type in ("Mul", "Div"):
             if prev.op_type == "Div" and (not source_first or np.any(vec == 0)):
                 return False
@@ -408,10 +401,13 @@ class FoldAffineBefore(Pass):
         else:
             if not source_first and prev.op_type == "Sub":
                 return False  # c - x would also flip the weights' sign; rare, left alone
+            shift = vec if prev.op_type == "Add" else -vec
             if op.op_type == "MatMul" or op.op_type == "ConvTranspose" \
                     or op.op_type == "Conv" and _conv_has_padding(op):
+                if self._scale_through_shift(graph, head, prev, source, shift):
+                    result.count("input_scales_folded")
+                    return True
                 return False
-            shift = vec if prev.op_type == "Add" else -vec
             added = weights_times_input(head, shift)
             base = _gemm_bias(head) if op.op_type == "Gemm" else (
                 np.zeros(head.out_channels) if head.bias is None else head.bias.astype(np.float64))
@@ -422,6 +418,53 @@ class FoldAffineBefore(Pass):
             graph.remove_op(prev)
         result.count(stat)
         return True
+
+    @staticmethod
+    def _scale_through_shift(graph: Graph, head: Head, shift_op: Op, source: str,
+                             shift: np.ndarray) -> bool:
+        """x * s + c before a head that cannot take the shift (a padded Conv): rewrite it as
+        (x + c / s) * s and fold s into the weights, so one op (the Add) remains of two. The
+        rounding error stays relative to |x * s + c|, as before."""
+        scale_op = graph.producer_op(source)
+        if scale_op is None or sole_reader(graph, source) is not shift_op:
+            return False
+        found = _channel_operand(graph, scale_op, head)
+        if found is None or not is_onnx(scale_op, "Mul", "Div"):
+            return False
+        x, vec, x_first = found
+        if np.any(vec == 0) or scale_op.op_type == "Div" and not x_first:
+            return False
+        scale = vec if scale_op.op_type == "Mul" else 1.0 / vec
+        rank, axis = _input_rank_and_axis(graph, head)
+        if rank is None:
+            return False
+        shape = [1] * rank
+        shape[axis] = head.in_channels
+        moved = new_const(graph, (shift / scale).reshape(shape).astype(head.dtype),
+                          f"{shift_op.name or 'Add'}_c")
+        graph.set_inputs(shift_op, [x, moved.name])
+        shift_op.op_type = "Add"
+        graph.remove_op(scale_op)
+        _set_weight(graph, head, scale_input_channels(head, scale))
+        return True
+
+
+def _channel_operand(graph: Graph, op: Op, head: Head) -> tuple[str, np.ndarray, bool] | None:
+    """For a Mul/Div/Add/Sub of a tensor by a constant that varies only over the head's input
+    channels: (the tensor, the constant as a vector over the channels, whether the tensor is
+    the first operand). None otherwise."""
+    if len(op.outputs) != 1 or not is_onnx(op, "Mul", "Div", "Add", "Sub"):
+        return None
+    source = next((n for n in op.inputs if constant(graph, n) is None), None)
+    const_name = other_input(op, source) if source else None
+    array = constant(graph, const_name) if const_name else None
+    if array is None or array.dtype != head.dtype:
+        return None
+    rank, axis = _input_rank_and_axis(graph, head)
+    vec = per_channel(array, rank, axis, head.in_channels)
+    if vec is None:
+        return None
+    return source, vec, op.inputs[0] == source
 
 
 # ---------------------------------------------------------------------------------------------

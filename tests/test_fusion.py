@@ -257,6 +257,19 @@ def test_scale_before_padded_grouped_conv_folds_but_shift_does_not():
     assert "input_shifts_folded" not in stats
 
 
+def test_scale_then_shift_before_padded_conv_keeps_only_a_shift():
+    # x * s + c = (x + c / s) * s: the scale folds, the shift must stay (padding zeros).
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"]),
+             helper.make_node("Sub", ["m", "t"], ["a"]),
+             helper.make_node("Conv", ["a", "W", "B"], ["y"], group=4, pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], [("y", [1, 4, 6, 6])],
+                       [("s", np.array([0.5, -2.0, 3.0, 0.1], np.float32).reshape(4, 1, 1)),
+                        ("t", w(4, 1, 1)), ("W", w(4, 1, 3, 3)), ("B", w(4))])
+    graph, stats = fuse(model)
+    assert op_types(graph) == ["Add", "Conv"]
+    assert stats["input_scales_folded"] == 1 and "input_shifts_folded" not in stats
+
+
 def test_scale_and_shift_before_unpadded_conv_fold():
     nodes = [helper.make_node("Mul", ["s", "x"], ["m"]),
              helper.make_node("Sub", ["m", "t"], ["a"]),
