@@ -49,6 +49,7 @@ subgraphs.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -429,7 +430,16 @@ class _Services:
     def __init__(self, inplace: bool, fuse: bool) -> None:
         self.inplace = inplace
         self.fuse = fuse
-        self.live = memory.LiveBuffers()
+        # The buffer accounting of the run in progress, per thread: runs of one session in
+        # several threads each keep their own (in-place decisions depend on it).
+        self._local = threading.local()
+
+    @property
+    def live(self) -> memory.LiveBuffers:
+        live = getattr(self._local, "live", None)
+        if live is None:
+            live = self._local.live = memory.LiveBuffers()
+        return live
 
     def compile(self, graph: Graph) -> SubgraphRunner:
         return SubgraphRunner(GraphProgram(graph, self))
@@ -534,7 +544,7 @@ class Session:
         checked = self.check_feeds(feeds)
         env = self._program.start_env()
         env.update(checked)
-        live = self._services.live
+        live = self._services.live   # this thread's
         live.reset(external=checked.values())
         live.add_external_ids(self._program.external_ids())
         with np.errstate(all="ignore"):   # inf/nan are values in ONNX, not warnings
@@ -581,7 +591,7 @@ class Session:
                                  f"{value.ndim}), the model expects rank {len(spec.shape)}: "
                                  f"{spec.describe()}")
             for axis, (dim, want) in enumerate(zip(value.shape, spec.shape)):
-                if isinstance(want, int) and dim != want:
+                if isinstance(want, int) and want >= 0 and dim != want:   # -1: unknown
                     raise UsageError(f"input {spec.name!r} has {dim} at dim {axis}, the model "
                                      f"expects {want} ({spec.describe()}, got "
                                      f"{tuple(value.shape)})")
