@@ -6,10 +6,6 @@ ops all have a kernel must pass.
 """
 
 EXCLUDED: dict[str, str] = {
-    # -- semantics an inference runtime does not reproduce ----------------------------------
-    r"^test_training_dropout":
-        "Dropout in training mode draws a random mask; the expected values come from one "
-        "particular generator (onnxruntime fails these too)",
     # -- harness limits -------------------------------------------------------------------
     r"^test_loop16_seq_none_":
         "onnx's runner cannot compare a sequence of differently shaped tensors (its recursive "

@@ -184,6 +184,30 @@ def test_in_place_never_clobbers_a_live_view():
     np.testing.assert_allclose(out["vt"], np.exp(x).T, rtol=1e-6)
 
 
+def test_concurrent_runs_of_one_session_keep_views_intact():
+    """Buffer accounting is per thread, so in-place decisions of one run never see another's."""
+    import threading
+    nodes = [helper.make_node("Exp", ["x"], ["a"]),
+             helper.make_node("Transpose", ["a"], ["v"], perm=[1, 0]),
+             helper.make_node("Neg", ["a"], ["n"]),
+             helper.make_node("Identity", ["v"], ["vt"])]
+    session = Session(make_model(nodes, [("x", [32, 32])], [("n", [32, 32]), ("vt", [32, 32])]))
+    wrong = []
+
+    def work(seed: int) -> None:
+        x = np.random.default_rng(seed).standard_normal((32, 32)).astype(np.float32)
+        for _ in range(100):
+            out = session.run({"x": x})
+            if not (np.allclose(out["vt"], np.exp(x).T) and np.allclose(out["n"], -np.exp(x))):
+                wrong.append(seed)
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+
+
 def test_in_place_never_writes_feeds_or_constants():
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]),   # a view of the feed
              helper.make_node("Relu", ["r"], ["y"]),

@@ -508,18 +508,25 @@ def _center_crop_pad(node: KernelNode):
 # ---------------------------------------------------------------------------------------------
 @kernel("Dropout")
 def _dropout(node: KernelNode):
-    """Inference: identity, and an all-true mask when asked for (training mode with a ratio
-    above 0 is not supported: its mask is random)."""
+    """Inference mode: identity (and an all-true mask). Training mode (opset 12's input) with a
+    ratio above 0: keep each element where a uniform draw is >= ratio and scale the kept ones by
+    1 / (1 - ratio); the draws come from numpy's RandomState(seed) when the op has a `seed`, so a
+    seeded Dropout is reproducible."""
     n_out = node.n_outputs
     legacy_mask_same_type = node.opset < 10
+    seed = node.attr("seed")
 
     def run(x, ratio=None, training_mode=None):
-        if training_mode is not None and bool(training_mode) and ratio is not None and float(ratio) > 0:
-            raise GraphoptError("Dropout in training mode is not supported (inference runtime)")
-        if n_out == 1:
-            return (x,)
-        mask = np.ones(x.shape, dtype=x.dtype if legacy_mask_same_type else bool)
-        return (x, mask)
+        p = float(ratio) if ratio is not None else 0.5
+        if training_mode is None or not bool(training_mode) or p == 0:
+            if n_out == 1:
+                return (x,)
+            return (x, np.ones(x.shape, dtype=x.dtype if legacy_mask_same_type else bool))
+        draws = np.random.RandomState(seed).uniform(0, 1.0, x.shape) if seed is not None \
+            else np.random.default_rng().uniform(0, 1.0, x.shape)
+        mask = draws >= p
+        y = (mask * x * (1.0 / (1.0 - p))).astype(x.dtype)
+        return (y,) if n_out == 1 else (y, mask)
     return run
 
 
