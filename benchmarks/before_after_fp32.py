@@ -113,6 +113,9 @@ def main() -> None:
         except models.MissingExtraError as exc:
             print(f"{name:<20} skipped: {exc}")
             continue
+        except graphopt.GraphoptError as exc:   # e.g. the runtime cannot run the model
+            print(f"{name:<20} failed: {exc}")
+            continue
         rows.append(row)
         ops = f"{row['ops_before']}->{row['ops_after']}"
         print(f"{name:<20} {ops:>9} {row['before_ms']:10.1f} {row['after_ms']:9.1f} "

@@ -402,6 +402,12 @@ class FoldAffineBefore(Pass):
             if not source_first and prev.op_type == "Sub":
                 return False  # c - x would also flip the weights' sign; rare, left alone
             shift = vec if prev.op_type == "Add" else -vec
+            if op.op_type == "MatMul" and self._shift_into_bias_add(graph, head, shift):
+                graph.set_input(op, 0, source)
+                if not graph.has_users(prev.outputs[0]):
+                    graph.remove_op(prev)
+                result.count("input_shifts_folded")
+                return True
             if op.op_type == "MatMul" or op.op_type == "ConvTranspose" \
                     or op.op_type == "Conv" and _conv_has_padding(op):
                 if self._scale_through_shift(graph, head, prev, source, shift):
@@ -417,6 +423,25 @@ class FoldAffineBefore(Pass):
         if not graph.has_users(prev.outputs[0]):
             graph.remove_op(prev)
         result.count(stat)
+        return True
+
+    @staticmethod
+    def _shift_into_bias_add(graph: Graph, head: Head, shift: np.ndarray) -> bool:
+        """(x + c) @ W + b = x @ W + (b + c @ W): a shift before a MatMul whose only reader adds
+        a per-column constant bias joins that bias."""
+        add = sole_reader(graph, head.op.outputs[0])
+        if head.weight.ndim != 2 or add is None or not is_onnx(add, "Add"):
+            return False
+        bias_name = other_input(add, head.op.outputs[0])
+        bias = constant(graph, bias_name) if bias_name else None
+        if bias is None or bias.dtype != head.dtype:
+            return False
+        vec = per_channel(bias, head.out_rank, head.out_axis, head.out_channels)
+        if vec is None:
+            return False
+        new_bias = vec + shift @ head.weight.astype(np.float64)
+        value = new_const(graph, new_bias.astype(head.dtype), f"{add.name or 'Add'}_b")
+        graph.set_input(add, add.inputs.index(bias_name), value)
         return True
 
     @staticmethod

@@ -295,6 +295,21 @@ def test_scale_and_shift_before_gemm_and_matmul():
     assert stats["input_scales_folded"] == 2 and stats["input_shifts_folded"] == 1
 
 
+def test_layernorm_affine_before_a_3d_linear_folds_into_its_weights_and_bias():
+    # n * gamma + beta, then MatMul + Add(bias) on 3-D activations (a LayerNorm's tail at an
+    # opset without LayerNormalization): gamma joins W, beta @ W joins the bias.
+    nodes = [helper.make_node("Mul", ["x", "gamma"], ["g"]),
+             helper.make_node("Add", ["g", "beta"], ["a"]),
+             helper.make_node("MatMul", ["a", "W"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["y"])]
+    model = make_model(nodes, [("x", [2, 3, 5])], [("y", [2, 3, 4])],
+                       [("gamma", w(5) + 1.0), ("beta", w(5)), ("W", w(5, 4)), ("b", w(4))],
+                       opset=13)
+    graph, stats = fuse(model)
+    assert op_types(graph) == ["Add", "MatMul"]
+    assert stats["input_scales_folded"] == 1 and stats["input_shifts_folded"] == 1
+
+
 def test_scale_whose_input_is_read_elsewhere_stays():
     nodes = [helper.make_node("Mul", ["x", "s"], ["m"]),
              helper.make_node("Conv", ["m", "W"], ["y"]),
