@@ -6,12 +6,13 @@ merged: their semantics (and side effects) are unknown, so they pass through unt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 
-from graphopt.ir import Graph, Op
+from graphopt.ir import Graph, Op, Shape, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult
 
 #: Domains whose ops are pure functions of their inputs (ONNX semantics).
@@ -109,6 +110,24 @@ def bypass(graph: Graph, op: Op, keep: int = 0) -> bool:
     replaced = graph.replace_value(out, src)
     assert replaced, "bypass checked that the output can move"
     return True
+
+
+def substitute(graph: Graph, old: Value, new: Value) -> None:
+    """Make every reader of `old` read `new`, for a rewrite that computes `old` another way.
+    `old` must have lost its producer already. A graph output keeps its name: `new` takes it
+    over, or, where it cannot (a graph input, a constant, another output), an Identity copies
+    `new` into it."""
+    if not graph.replace_value(old, new):
+        graph.add_op("Identity", [new], [old])
+
+
+def add_simple_op(graph: Graph, op_type: str, inputs: Sequence[str | Value], dtype: int,
+                  shape: Shape | None, attrs: dict[str, Any] | None = None,
+                  hint: str | None = None) -> Value:
+    """Add a single-output op with a fresh output of known type and shape; return the output."""
+    out = graph.add_value(graph.fresh_name(hint or op_type.lower()), dtype, shape)
+    graph.add_op(op_type, inputs, [out], attrs)
+    return out
 
 
 class RemoveIdentity(Pass):
