@@ -14,7 +14,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
-from graphopt.ir import Graph, Op, Value
+from graphopt.ir import Graph, Op, Shape, Value
+from graphopt.shapes import infer_shapes
 
 #: The default ONNX domain as the IR spells it.
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -154,3 +155,23 @@ def copy_type(graph: Graph, src: str, dst: str) -> None:
     source, target = graph.values[src], graph.values[dst]
     target.dtype = source.dtype
     target.shape = source.shape
+
+
+class Shapes:
+    """Shapes of values, running onnx shape inference at most once per pass run and only when
+    a shape is missing (passes create values whose shapes they set themselves)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.inferred = False
+
+    def shape(self, name: str) -> Shape | None:
+        value = self.graph.values[name]
+        if value.shape is None and not self.inferred and self.graph.parent is None:
+            self.inferred = True
+            infer_shapes(self.graph)
+        return value.shape
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)

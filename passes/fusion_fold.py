@@ -23,8 +23,8 @@ import numpy as np
 
 from graphopt.ir import Graph, Op
 from graphopt.pass_manager import Pass, PassContext, PassResult
-from graphopt.passes.fusion_common import (constant, is_float_array, is_onnx, new_const,
-                                           other_input, replace_ops, sole_reader)
+from graphopt.passes.fusion_common import (Shapes, constant, is_float_array, is_onnx,
+                                           new_const, other_input, replace_ops, sole_reader)
 
 #: Ops whose weights can absorb per-channel scales and shifts.
 HEAD_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -348,15 +348,15 @@ class FoldAffineAfter(Pass):
 # ---------------------------------------------------------------------------------------------
 # before the head
 # ---------------------------------------------------------------------------------------------
-def _input_rank_and_axis(graph: Graph, head: Head) -> tuple[int | None, int]:
-    """Rank of the head's data input and its input-channel axis (-1 with an unknown rank)."""
+def _input_channel_axis(head: Head, rank: int) -> int | None:
+    """The input-channel axis of the head's data input of rank `rank` (None if that rank
+    cannot be the head's input)."""
     op = head.op
     if op.op_type in ("Conv", "ConvTranspose"):
-        return head.weight.ndim, 1
+        return 1 if rank == head.weight.ndim else None
     if op.op_type == "Gemm":
-        return 2, 0 if int(op.attrs.get("transA", 0)) else 1
-    rank = graph.values[op.inputs[0]].rank
-    return rank, -1 if rank is None else rank - 1
+        return (0 if int(op.attrs.get("transA", 0)) else 1) if rank == 2 else None
+    return rank - 1 if rank >= 1 else None
 
 
 def _conv_has_padding(op: Op) -> bool:
@@ -373,25 +373,26 @@ class FoldAffineBefore(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
+        shapes = Shapes(graph)
         for op in graph.topological_ops():
             if op.graph is not graph:
                 continue
             while True:
                 head = as_head(graph, op)
-                if head is None or not self._fold_one(graph, head, result):
+                if head is None or not self._fold_one(graph, head, shapes, result):
                     break
         return result
 
-    def _fold_one(self, graph: Graph, head: Head, result: PassResult) -> bool:
+    def _fold_one(self, graph: Graph, head: Head, shapes: Shapes, result: PassResult) -> bool:
         op = head.op
         x = op.inputs[0]
         prev = graph.producer_op(x)
         if prev is None or sole_reader(graph, x) is not op:
             return False
-        found = _channel_operand(graph, prev, head)
+        found = _channel_operand(graph, prev, head, shapes)
         if found is None:
             return False
-        source, vec, source_first = found
+        source, vec, source_first, _, _ = found
         if prev.op_type in ("Mul", "Div"):
             if prev.op_type == "Div" and (not source_first or np.any(vec == 0)):
                 return False
@@ -410,7 +411,7 @@ class FoldAffineBefore(Pass):
                 return True
             if op.op_type == "MatMul" or op.op_type == "ConvTranspose" \
                     or op.op_type == "Conv" and _conv_has_padding(op):
-                if self._scale_through_shift(graph, head, prev, source, shift):
+                if self._scale_through_shift(graph, head, prev, source, shift, shapes):
                     result.count("input_scales_folded")
                     return True
                 return False
@@ -446,23 +447,20 @@ class FoldAffineBefore(Pass):
 
     @staticmethod
     def _scale_through_shift(graph: Graph, head: Head, shift_op: Op, source: str,
-                             shift: np.ndarray) -> bool:
+                             shift: np.ndarray, shapes: Shapes) -> bool:
         """x * s + c before a head that cannot take the shift (a padded Conv): rewrite it as
         (x + c / s) * s and fold s into the weights, so one op (the Add) remains of two. The
         rounding error stays relative to |x * s + c|, as before."""
         scale_op = graph.producer_op(source)
         if scale_op is None or sole_reader(graph, source) is not shift_op:
             return False
-        found = _channel_operand(graph, scale_op, head)
+        found = _channel_operand(graph, scale_op, head, shapes)
         if found is None or not is_onnx(scale_op, "Mul", "Div"):
             return False
-        x, vec, x_first = found
+        x, vec, x_first, rank, axis = found
         if np.any(vec == 0) or scale_op.op_type == "Div" and not x_first:
             return False
         scale = vec if scale_op.op_type == "Mul" else 1.0 / vec
-        rank, axis = _input_rank_and_axis(graph, head)
-        if rank is None:
-            return False
         shape = [1] * rank
         shape[axis] = head.in_channels
         moved = new_const(graph, (shift / scale).reshape(shape).astype(head.dtype),
@@ -474,10 +472,12 @@ class FoldAffineBefore(Pass):
         return True
 
 
-def _channel_operand(graph: Graph, op: Op, head: Head) -> tuple[str, np.ndarray, bool] | None:
+def _channel_operand(graph: Graph, op: Op, head: Head, shapes: Shapes
+                     ) -> tuple[str, np.ndarray, bool, int, int] | None:
     """For a Mul/Div/Add/Sub of a tensor by a constant that varies only over the head's input
-    channels: (the tensor, the constant as a vector over the channels, whether the tensor is
-    the first operand). None otherwise."""
+    channels and does not broadcast the tensor to a larger shape: (the tensor, the constant as a
+    vector over the channels, whether the tensor is the first operand, the tensor's rank and
+    channel axis). None otherwise."""
     if len(op.outputs) != 1 or not is_onnx(op, "Mul", "Div", "Add", "Sub"):
         return None
     source = next((n for n in op.inputs if constant(graph, n) is None), None)
@@ -485,11 +485,20 @@ def _channel_operand(graph: Graph, op: Op, head: Head) -> tuple[str, np.ndarray,
     array = constant(graph, const_name) if const_name else None
     if array is None or array.dtype != head.dtype:
         return None
-    rank, axis = _input_rank_and_axis(graph, head)
+    source_shape = shapes.shape(source)
+    if source_shape is None:
+        return None
+    rank = len(source_shape)
+    axis = _input_channel_axis(head, rank)
+    if axis is None:
+        return None
     vec = per_channel(array, rank, axis, head.in_channels)
     if vec is None:
         return None
-    return source, vec, op.inputs[0] == source
+    extent = ((1,) * (rank - array.ndim) + array.shape)[axis]
+    if extent != 1 and source_shape[axis] != head.in_channels:
+        return None  # the constant would broadcast the tensor's channels up
+    return source, vec, op.inputs[0] == source, rank, axis
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,13 +514,14 @@ class MatMulAddToGemm(Pass):
         result = PassResult()
         if graph.opset() < 7:
             return result  # older Gemm broadcast C only with its `broadcast` attribute
+        shapes = Shapes(graph)
         for op in list(graph.ops.values()):
             if op.graph is not graph or not is_onnx(op, "MatMul"):
                 continue
             a, b = (graph.values[n] for n in op.inputs)
             b_const = constant(graph, b.name)
-            b_rank = b_const.ndim if b_const is not None else b.rank
-            if a.rank != 2 or b_rank != 2:
+            b_rank = b_const.ndim if b_const is not None else shapes.rank(b.name)
+            if shapes.rank(a.name) != 2 or b_rank != 2:
                 continue
             add = sole_reader(graph, op.outputs[0])
             if add is None or not is_onnx(add, "Add"):

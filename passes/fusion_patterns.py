@@ -18,10 +18,9 @@ import numpy as np
 
 from graphopt.ir import Graph, Op
 from graphopt.pass_manager import Pass, PassContext, PassResult
-from graphopt.passes.fusion_common import (constant, copy_type, is_float_array, is_onnx,
+from graphopt.passes.fusion_common import (Shapes, constant, copy_type, is_float_array, is_onnx,
                                            new_const, other_input, replace_ops, scalar,
                                            sole_reader, used_only_by)
-from graphopt.shapes import infer_shapes
 
 
 def near(value: float | None, target: float, rel: float = 1e-4) -> bool:
@@ -65,21 +64,6 @@ def reduce_axes(graph: Graph, op: Op) -> list[int] | None:
 
 def keeps_dims(op: Op) -> bool:
     return int(op.attrs.get("keepdims", 1)) == 1
-
-
-class _ShapeOnce:
-    """Runs shape inference at most once per pass run, and only when a rank is missing."""
-
-    def __init__(self, graph: Graph) -> None:
-        self.graph = graph
-        self.done = False
-
-    def rank(self, name: str) -> int | None:
-        value = self.graph.values[name]
-        if value.rank is None and not self.done and self.graph.parent is None:
-            self.done = True
-            infer_shapes(self.graph)
-        return value.rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +307,7 @@ def _trailing_axes(axes: list[int], rank: int | None) -> int | None:
 
 
 def _affine_param(graph: Graph, name: str, x: str, k: int, dtype: np.dtype,
-                  shapes: _ShapeOnce) -> np.ndarray | None:
+                  shapes: Shapes) -> np.ndarray | None:
     """A LayerNorm scale or bias constant as an array of the normalized shape (the last k dims
     of x), if it broadcasts only over those dims."""
     array = constant(graph, name)
@@ -346,7 +330,7 @@ def _affine_param(graph: Graph, name: str, x: str, k: int, dtype: np.dtype,
     return core if core.ndim == k and 1 not in core.shape else None
 
 
-def match_layernorm(graph: Graph, mean: Op, shapes: _ShapeOnce):
+def match_layernorm(graph: Graph, mean: Op, shapes: Shapes):
     """(x, ops, output, k, eps, scale name|None, bias name|None) of a decomposed LayerNorm
     starting at its first ReduceMean."""
     if not is_onnx(mean, "ReduceMean") or not keeps_dims(mean):
@@ -405,7 +389,7 @@ class FuseLayerNorm(Pass):
         result = PassResult()
         if graph.opset() < 17:
             return result
-        shapes = _ShapeOnce(graph)
+        shapes = Shapes(graph)
         for op in list(graph.ops.values()):
             if op.graph is not graph or not is_onnx(op, "ReduceMean"):
                 continue
@@ -492,7 +476,7 @@ class FuseSoftmax(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
-        shapes = _ShapeOnce(graph)
+        shapes = Shapes(graph)
         for op in list(graph.ops.values()):
             if op.graph is not graph:
                 continue

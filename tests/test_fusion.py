@@ -171,14 +171,15 @@ def test_matmul_3d_bias_alone_is_left_as_it_is():
 
 
 def test_matmul_add_becomes_gemm_only_for_2d_activations():
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"]),
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),    # an activation of unknown shape
+             helper.make_node("MatMul", ["r", "W"], ["mm"]),
              helper.make_node("Add", ["mm", "b"], ["y"]),
              helper.make_node("MatMul", ["x3", "W"], ["mm3"]),
              helper.make_node("Add", ["mm3", "b"], ["y3"])]
     model = make_model(nodes, [("x", [3, 5]), ("x3", [2, 3, 5])], [("y", [3, 4]), ("y3", [2, 3, 4])],
                        [("W", w(5, 4)), ("b", w(1, 4))])
     graph, stats = fuse(model)
-    assert op_types(graph) == ["Add", "Gemm", "MatMul"]
+    assert op_types(graph) == ["Add", "Gemm", "MatMul", "Relu"]
     assert stats["matmuls_to_gemm"] == 1
 
 
@@ -308,6 +309,19 @@ def test_layernorm_affine_before_a_3d_linear_folds_into_its_weights_and_bias():
     graph, stats = fuse(model)
     assert op_types(graph) == ["Add", "MatMul"]
     assert stats["input_scales_folded"] == 1 and stats["input_shifts_folded"] == 1
+
+
+def test_scale_that_broadcasts_its_input_up_to_the_channels_stays():
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"]),     # (1, 1, 4, 4) * (3, 1, 1)
+             helper.make_node("Conv", ["m", "W"], ["y"]),
+             helper.make_node("Add", ["v", "t"], ["a"]),     # (2, 1) + (1, 5) -> (2, 5)
+             helper.make_node("Gemm", ["a", "B"], ["z"])]
+    model = make_model(nodes, [("x", [1, 1, 4, 4]), ("v", [2, 1])],
+                       [("y", [1, 2, 4, 4]), ("z", [2, 3])],
+                       [("s", w(3, 1, 1)), ("W", w(2, 3, 1, 1)), ("t", w(1, 5)), ("B", w(5, 3))])
+    graph, stats = fuse(model)
+    assert op_types(graph) == ["Add", "Conv", "Gemm", "Mul"]
+    assert "input_scales_folded" not in stats and "input_shifts_folded" not in stats
 
 
 def test_scale_whose_input_is_read_elsewhere_stays():
