@@ -185,3 +185,14 @@ def test_models_build_unknown_name(tmp_path, capsys):
     code, _, err = run_cli(capsys, "models", "build", "nope", "-o", tmp_path / "x.onnx")
     assert code == 2 and "unknown model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_demo_shows_passes_decisions_and_both_backends(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "demo", "--size", "small", "--runs", "2", "--keep", tmp_path)
+    assert code == 0, err
+    for text in ("what the passes did:", "batchnorms_folded", "per-node decisions:",
+                 "graphopt    after", "onnxruntime after", "accuracy of AFTER vs BEFORE",
+                 "numeric verification after every pass on onnxruntime: passed"):
+        assert text in out, text
+    after = onnx.load(str(tmp_path / "after.onnx"))
+    assert "BatchNormalization" not in {n.op_type for n in after.graph.node}

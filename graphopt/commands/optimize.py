@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         data = {"input": str(args.model), "output": str(out), "level": args.level,
                 "level_run": ran, "size_bytes": {"before": size_before, "after": size_after},
-                **report.to_dict(), "decisions": _decisions(graph)}
+                **report.to_dict(), "decisions": _decisions(graph),
+                # Quantization (O3) will record whether calibration data was real or synthetic.
+                "calibration": {"source": "none"}}
         write_text_atomic(args.report, json.dumps(data, indent=2) + "\n")
     if not args.quiet:
         level = args.level if ran == args.level else f"{args.level} (runs {ran})"
