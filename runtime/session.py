@@ -183,8 +183,9 @@ class GraphProgram:
             except GraphoptError:
                 raise
             except Exception as exc:
+                first = (str(exc).strip().splitlines() or [""])[0]
                 raise GraphoptError(f"cannot build the kernel of {op.op_type} op "
-                                    f"{op.name!r}: {type(exc).__name__}: {exc}") from exc
+                                    f"{op.name!r}: {type(exc).__name__}: {first}") from exc
             label = op.name if op.name and op.name not in labels else f"{op.op_type}#{op.id}"
             labels.add(label)
             kernel = _Kernel(op, label, fn, tuple(getattr(fn, "inplace_slots", ())),
