@@ -259,18 +259,34 @@ REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "Reduce
 
 @dataclass
 class _Move:
-    """How an op reads untransposed data: its data slots, new attributes and parameter inputs,
-    and per output the permutation that restores the original layout (None: none needed)."""
+    """How an op reads untransposed data: its data slots, new attributes and parameter inputs
+    (constant arrays by slot), and per output the permutation that restores the original layout
+    (None: none needed)."""
 
     data_slots: list[int]
     attrs: dict = field(default_factory=dict)
-    params: dict[int, str] = field(default_factory=dict)
+    params: dict[int, np.ndarray] = field(default_factory=dict)
     out_perms: list[Perm | None] = field(default_factory=list)
 
 
+@dataclass
+class _Inputs:
+    """What sinking a permutation through an op does to its data inputs."""
+
+    sources: dict[int, str]            # slot -> untransposed value (input of a matching Transpose)
+    transposes: dict[int, Op]          # matching input transposes (by op id)
+    virtual: list[int]                 # slots reading the value assumed untransposed (cost model)
+    consts: dict[int, np.ndarray]      # slot -> constant rewritten into the untransposed layout
+    inserts: list[int]                 # slots that need an inverse transpose inserted
+
+
+#: How many ops below a transpose the sinking cost model looks.
+LOOKAHEAD = 12
+
+
 class TransposeSinking(Pass):
-    """Move transposes below the ops that read them, where that adds no transposes, so that they
-    meet other transposes and cancel."""
+    """Move transposes below the ops that read them where that removes transposes (looking a
+    few ops ahead), so that they meet other transposes and cancel or vanish in reductions."""
 
     name = "transpose_push"
 
@@ -284,77 +300,124 @@ class TransposeSinking(Pass):
             t = simplify_transpose(graph, t, result)
             if t is None:
                 continue
+            perm = perm_of(graph, t)
+            if perm is None:
+                continue
             for consumer in graph.consumer_ops(t.outputs[0]):
-                if t.graph is not graph:
-                    break
-                if consumer.graph is not graph:
-                    continue
-                if is_transpose(consumer):
+                if is_transpose(consumer) and consumer.graph is graph:
                     merged = simplify_transpose(graph, consumer, result)
                     if merged is not None:
                         work.append(merged)
-                    continue
-                work.extend(_try_sink(graph, t, consumer, result))
+            if t.graph is not graph or _readers_cost(graph, t.outputs[0], perm, LOOKAHEAD, {}) >= 1:
+                continue
+            for consumer in graph.consumer_ops(t.outputs[0]):
+                if t.graph is not graph:
+                    break
+                cost = _reader_cost(graph, consumer, t.outputs[0], perm, LOOKAHEAD, {})
+                if consumer.graph is graph and cost is not None and cost <= 0:
+                    work.extend(_sink(graph, consumer, perm, result))
         return result
 
 
-def _try_sink(graph: Graph, t: Op, op: Op, result: PassResult) -> list[Op]:
-    """Sink the transposes feeding `op` (with `t`'s permutation) below it, if that pays."""
-    perm = perm_of(graph, t)
-    if perm is None or not is_pure(op) or any(True for _ in op.subgraphs()):
-        return []
+def _readers_cost(graph: Graph, name: str, perm: Perm, depth: int, memo: dict) -> int:
+    """Transposes it takes (net) to serve every reader of `name` if it were made untransposed
+    (it now holds Transpose(untransposed, perm)): readers that cannot take the untransposed
+    tensor share one transpose; the others cost what sinking through them costs."""
+    key = (name, tuple(perm))
+    if key in memo:
+        return memo[key]
+    memo[key] = 1
+    materialize = graph.is_output(name)
+    total = 0
+    for op in graph.consumer_ops(name):
+        cost = _reader_cost(graph, op, name, perm, depth, memo)
+        if cost is None or cost >= 1:
+            materialize = True
+        else:
+            total += cost
+    memo[key] = total + int(materialize)
+    return memo[key]
+
+
+def _reader_cost(graph: Graph, op: Op, via: str, perm: Perm, depth: int, memo: dict) -> int | None:
+    """Net transposes of moving the permutation of `via` (which `op` reads) below `op`
+    (None: it cannot move there)."""
+    if is_transpose(op):
+        inner = perm_of(graph, op)
+        if inner is None or len(inner) != len(perm):
+            return None
+        return -1 if is_identity(compose(perm, inner)) else 0
+    if depth <= 0 or not is_pure(op) or any(True for _ in op.subgraphs()):
+        return None
     move = _plan(graph, op, perm)
-    if move is None:
-        return []
+    inputs = None if move is None else _classify_inputs(graph, op, perm, move, via)
+    if inputs is None:
+        return None
+    cost = len(inputs.inserts)
+    cost -= sum(1 for t in inputs.transposes.values()
+                if t.outputs[0] != via and all(c is op for c, _ in graph.consumers(t.outputs[0]))
+                and not graph.is_output(t.outputs[0]))
+    for name, out_perm in zip(op.outputs, move.out_perms):
+        if name and out_perm is not None and not is_identity(out_perm):
+            cost += _readers_cost(graph, name, out_perm, depth - 1, memo)
+    return cost
+
+
+def _classify_inputs(graph: Graph, op: Op, perm: Perm, move: _Move,
+                     via: str | None = None) -> _Inputs | None:
     rank = len(perm)
     inverse = invert(perm)
-    new_inputs = list(op.inputs)
-    removable: dict[int, Op] = {}
-    inserts: list[int] = []
-    const_rewrites: dict[int, np.ndarray] = {}
+    found = _Inputs({}, {}, [], {}, [])
     for slot in move.data_slots:
-        name = op.inputs[slot]
+        name = op.inputs[slot] if slot < len(op.inputs) else ""
         if not name:
+            continue
+        if name == via:
+            found.virtual.append(slot)
             continue
         value = graph.values[name]
         producer = graph.producer_op(name)
         if is_transpose(producer) and perm_of(graph, producer) == perm:
-            new_inputs[slot] = producer.inputs[0]
-            removable[producer.id] = producer
+            found.sources[slot] = producer.inputs[0]
+            found.transposes[producer.id] = producer
             continue
-        const = graph.const_value(value)
         if value.shape is not None and len(value.shape) <= rank and all(d == 1 for d in value.shape):
             continue  # all-ones (a scalar): the same in any layout
+        const = graph.const_value(value)
         if const is not None and const.ndim <= rank:
-            const_rewrites[slot] = np.transpose(const.reshape((1,) * (rank - const.ndim) + const.shape),
-                                                inverse)
+            expanded = const.reshape((1,) * (rank - const.ndim) + const.shape)
+            found.consts[slot] = np.transpose(expanded, inverse)
             continue
         if value.rank == rank:
-            inserts.append(slot)
+            found.inserts.append(slot)
             continue
+        return None
+    if not found.transposes and not found.virtual:
+        return None
+    return found
+
+
+def _sink(graph: Graph, op: Op, perm: Perm, result: PassResult) -> list[Op]:
+    """Rewrite `op` to read its transposed inputs untransposed; a transpose restores each output.
+    Returns the new output transposes."""
+    move = _plan(graph, op, perm)
+    inputs = None if move is None else _classify_inputs(graph, op, perm, move)
+    if inputs is None:
         return []
-    removed = sum(1 for p in removable.values()
-                  if all(c is op for c, _ in graph.consumers(p.outputs[0]))
-                  and not graph.is_output(p.outputs[0]))
-    added = len(inserts)
-    for name, out_perm in zip(op.outputs, move.out_perms):
-        if name and out_perm is not None and not is_identity(out_perm) \
-                and not _all_readers_transpose(graph, name):
-            added += 1
-    if not (added < removed or (added == removed and not inserts)):
-        return []
-    for slot in inserts:
+    inverse = invert(perm)
+    new_inputs = list(op.inputs)
+    for slot, source in inputs.sources.items():
+        new_inputs[slot] = source
+    for slot in inputs.inserts:
         new_inputs[slot] = add_transpose(graph, graph.values[op.inputs[slot]], inverse).name
-    for slot, array in const_rewrites.items():
+    for slot, array in inputs.consts.items():
         new_inputs[slot] = new_const(graph, array, f"{op.inputs[slot]}_T").name
-    for slot, name in move.params.items():
+    for slot, array in move.params.items():
         while len(new_inputs) <= slot:
             new_inputs.append("")
-        new_inputs[slot] = name
+        new_inputs[slot] = new_const(graph, array, f"{op.name}_param{slot}").name
     attrs = dict(op.attrs)
     attrs.update(move.attrs)
-    for key in [k for k, v in attrs.items() if v is None]:
-        del attrs[key]
     outputs = []
     restores: list[tuple[Value, Perm, str]] = []
     for name, out_perm in zip(op.outputs, move.out_perms):
@@ -362,31 +425,24 @@ def _try_sink(graph: Graph, t: Op, op: Op, result: PassResult) -> list[Op]:
             outputs.append(name)
             continue
         old = graph.values[name]
-        shape = None if old.shape is None else tuple(old.shape[invert(out_perm)[k]]
-                                                     for k in range(len(out_perm)))
+        shape = None if old.shape is None else tuple(old.shape[k] for k in invert(out_perm))
         fresh = graph.add_value(graph.fresh_name(f"{name}_untransposed"), old.dtype, shape)
         outputs.append(fresh.name)
         restores.append((fresh, out_perm, name))
+    old_inputs = [graph.values[n] for n in op.inputs if n]
     graph.remove_op(op, prune=False)
     graph.add_op(op.op_type, new_inputs, outputs, attrs, domain=op.domain, name=op.name,
                  meta=op.meta)
     created = [graph.producer_op(add_transpose(graph, fresh, out_perm, name))
                for fresh, out_perm, name in restores]
-    for producer in removable.values():
-        remove_if_unused(graph, producer)
-    for slot in const_rewrites:
-        old = op.inputs[slot]
-        if old in graph.values and not graph.has_users(old) and graph.values[old].is_const \
-                and not graph.is_input(old):
-            graph.remove_value(graph.values[old])
+    for t in inputs.transposes.values():
+        remove_if_unused(graph, t)
+    for value in old_inputs:
+        if value.name in graph.values and value.is_const and not graph.nx.degree(value) \
+                and not graph.is_input(value) and not graph.is_output(value):
+            graph.remove_value(value)
     result.count("transposes_sunk")
     return [c for c in created if c is not None]
-
-
-def _all_readers_transpose(graph: Graph, name: str) -> bool:
-    """Whether every reader of the value is a Transpose (a transpose put before them merges)."""
-    consumers = graph.consumers(name)
-    return bool(consumers) and not graph.is_output(name) and all(is_transpose(c) for c, _ in consumers)
 
 
 def _plan(graph: Graph, op: Op, perm: Perm) -> _Move | None:
@@ -477,7 +533,7 @@ def _set_axes(graph: Graph, op: Op, move: _Move, attr: str, slot: int, input_sin
     if graph.opset() < input_since:
         move.attrs[attr] = axes
     else:
-        move.params[slot] = new_const(graph, np.array(axes, dtype=np.int64), f"{op.name}_axes").name
+        move.params[slot] = np.array(axes, dtype=np.int64)
 
 
 def _plan_reduce(graph: Graph, op: Op, perm: Perm) -> _Move | None:
@@ -518,8 +574,7 @@ def _plan_slice(graph: Graph, op: Op, perm: Perm) -> _Move | None:
     else:
         axes = list(range(starts.size))
     move = _Move([0], out_perms=[perm])
-    move.params[3] = new_const(graph, np.array([perm[a] for a in axes], dtype=np.int64),
-                               f"{op.name}_axes").name
+    move.params[3] = np.array([perm[a] for a in axes], dtype=np.int64)
     return move
 
 
@@ -543,15 +598,14 @@ def _plan_pad(graph: Graph, op: Op, perm: Perm) -> _Move | None:
         if axes_c is None:
             return None
         axes = [normalize_axis(int(a), rank) for a in axes_c.reshape(-1)]
-        move.params[3] = new_const(graph, np.array([perm[a] for a in axes], dtype=np.int64),
-                                   f"{op.name}_axes").name
+        move.params[3] = np.array([perm[a] for a in axes], dtype=np.int64)
         return move
     if len(pads) != 2 * rank:
         return None
     new = [0] * (2 * rank)
     for k, p in enumerate(perm):
         new[p], new[rank + p] = pads[k], pads[rank + k]
-    move.params[1] = new_const(graph, np.array(new, dtype=np.int64), f"{op.name}_pads").name
+    move.params[1] = np.array(new, dtype=np.int64)
     return move
 
 
