@@ -3,13 +3,15 @@
     python benchmarks/before_after_fp32.py                       # light zoo + PP-OCR
     python benchmarks/before_after_fp32.py --models light-resnet50,ppocr-det --runs 9 --profile
 
-"Before" is the model as loaded; "after" is the same model optimized at O2 (folding, tensor-
-manipulation elimination, fusion; fused epilogues run in place in the runtime). Both run in
+"Before" (O0) is the model as loaded; "after" (O2) is the same model optimized at O2 (folding,
+tensor-manipulation elimination, fusion; fused epilogues run in place in the runtime); O1 is
+timed as well, since the light models' weights are ConstantOfShape fills that O0 recomputes on
+every run and O1 already folds: O1/O2 is what O2's own passes gained. All run in
 `graphopt.runtime.Session`. After one warm-up each, their runs are interleaved (the order
-alternates per round) so that load from other processes hits both alike; the table shows
-medians, the ratio before / after (target >= 1.3 on light-resnet50 and ppocr-det at 640x640),
-op counts, the number of fused epilogue groups in the runtime's plan, and the relative L2
-distance between the outputs before and after (same runtime, same input).
+reverses every round) so that load from other processes hits all alike; the table shows
+medians, the ratios (target O0/O2 >= 1.3 on light-resnet50 and ppocr-det at 640x640), op counts,
+the number of fused epilogue groups in the O2 runtime plan, and the relative L2 distance between
+the O0 and O2 outputs (same runtime, same input).
 
 The PP-OCR detector takes 1x3x640x640; its input here is rendered text lines (so that its
 probability map is not all zeros), the other models take their registry example inputs.
@@ -71,42 +73,55 @@ def timed(session: Session, feeds) -> float:
     return time.perf_counter() - start
 
 
+#: Levels timed: "before" is O0 (the model as loaded); O1 (constant folding and cleanup) is
+#: timed too, so that the share of O2's own passes (manipulation elimination, fusion) shows.
+LEVELS = ("O0", "O1", "O2")
+
+
 def measure(name: str, runs: int, profile: bool) -> dict:
     model = models.build(name)
     feeds = feeds_for(name, model)
-    before_graph = graphopt.load(model)
-    after_graph = graphopt.load(model)
-    report = graphopt.optimize(after_graph, "O2")
-    before = Session(before_graph, profile=profile)
-    after = Session(after_graph, profile=profile)
-    out_before = before.run(feeds)
-    out_after = after.run(feeds)
-    error = max(rel_l2(out_after[k], out_before[k]) for k in before.outputs)
-    times: dict[str, list[float]] = {"before": [], "after": []}
+    graphs, ops = {}, {}
+    for level in LEVELS:
+        graphs[level] = graphopt.load(model)
+        ops[level] = graphopt.optimize(graphs[level], level).ops_after
+    sessions = {level: Session(graphs[level], profile=profile) for level in LEVELS}
+    outputs = {level: session.run(feeds) for level, session in sessions.items()}   # warm-up
+    error = max(rel_l2(outputs["O2"][k], outputs["O0"][k]) for k in sessions["O0"].outputs)
+    times: dict[str, list[float]] = {level: [] for level in LEVELS}
     for i in range(runs):
-        pair = [("before", before), ("after", after)]
-        for key, session in pair if i % 2 == 0 else pair[::-1]:
-            times[key].append(timed(session, feeds))
+        order = LEVELS if i % 2 == 0 else LEVELS[::-1]
+        for level in order:
+            times[level].append(timed(sessions[level], feeds))
     if profile:
-        print(f"\n== {name}: before ==\n{before.profile.table()}")
-        print(f"== {name}: after ==\n{after.profile.table()}")
-    b, a = statistics.median(times["before"]), statistics.median(times["after"])
-    return {"name": name, "ops_before": report.ops_before, "ops_after": report.ops_after,
-            "before_ms": b * 1e3, "after_ms": a * 1e3, "ratio": b / a,
-            "fused": len(after.fused), "rel_l2": error}
+        for level in ("O0", "O2"):
+            print(f"\n== {name} at {level} ==\n{sessions[level].profile.table()}")
+    ms = {level: statistics.median(t) * 1e3 for level, t in times.items()}
+    return {"name": name, "ops": ops, "ms": ms, "fused": len(sessions["O2"].fused),
+            "rel_l2": error}
+
+
+HEADER = (f"{'model':<20} {'ops O0->O1->O2':>16} {'O0 ms':>8} {'O1 ms':>8} {'O2 ms':>8} "
+          f"{'O0/O2':>6} {'O1/O2':>6} {'fused':>5} {'rel L2':>8}")
+
+
+def format_row(row: dict) -> str:
+    ops, ms = row["ops"], row["ms"]
+    counts = f"{ops['O0']}->{ops['O1']}->{ops['O2']}"
+    return (f"{row['name']:<20} {counts:>16} {ms['O0']:8.1f} {ms['O1']:8.1f} {ms['O2']:8.1f} "
+            f"{ms['O0'] / ms['O2']:5.2f}x {ms['O1'] / ms['O2']:5.2f}x {row['fused']:5d} "
+            f"{row['rel_l2']:8.1e}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(light.light_names() + PPOCR),
                         help="comma-separated registry names (default: light zoo + PP-OCR)")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per side (median)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per level (median)")
     parser.add_argument("--profile", action="store_true", help="per-op-type tables too")
     args = parser.parse_args()
     rows = []
-    header = (f"{'model':<20} {'ops':>9} {'before ms':>10} {'after ms':>9} {'ratio':>6} "
-              f"{'fused':>5} {'rel L2':>9}")
-    print(header)
+    print(HEADER)
     for name in [n.strip() for n in args.models.split(",") if n.strip()]:
         try:
             row = measure(name, args.runs, args.profile)
@@ -117,15 +132,11 @@ def main() -> None:
             print(f"{name:<20} failed: {exc}")
             continue
         rows.append(row)
-        ops = f"{row['ops_before']}->{row['ops_after']}"
-        print(f"{name:<20} {ops:>9} {row['before_ms']:10.1f} {row['after_ms']:9.1f} "
-              f"{row['ratio']:5.2f}x {row['fused']:5d} {row['rel_l2']:9.1e}", flush=True)
+        print(format_row(row), flush=True)
     if rows and args.profile:
-        print("\n" + header)
+        print("\n" + HEADER)
         for row in rows:
-            ops = f"{row['ops_before']}->{row['ops_after']}"
-            print(f"{row['name']:<20} {ops:>9} {row['before_ms']:10.1f} {row['after_ms']:9.1f} "
-                  f"{row['ratio']:5.2f}x {row['fused']:5d} {row['rel_l2']:9.1e}")
+            print(format_row(row))
 
 
 if __name__ == "__main__":
