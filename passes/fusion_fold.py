@@ -172,7 +172,8 @@ def weights_times_input(head: Head, shift: np.ndarray) -> np.ndarray:
 
 
 def _set_weight(graph: Graph, head: Head, weight: np.ndarray) -> None:
-    value = new_const(graph, weight.astype(head.dtype, copy=False), f"{head.op.name or head.op.op_type}_w")
+    hint = f"{head.op.name or head.op.op_type}_w"
+    value = new_const(graph, weight.astype(head.dtype, copy=False), hint)
     graph.set_input(head.op, head.weight_slot, value)
 
 
@@ -315,7 +316,8 @@ class FoldAffineAfter(Pass):
         _set_weight(graph, head, scale_output_channels(head, scale))
         new_out = op.outputs[0]
         if op.op_type in ("Conv", "ConvTranspose"):
-            bias = np.zeros(head.out_channels) if head.bias is None else head.bias.astype(np.float64)
+            bias = np.zeros(head.out_channels) if head.bias is None \
+                else head.bias.astype(np.float64)
             if head.bias is not None or has_shift:
                 _set_bias(graph, head, bias * scale + shift)
         elif op.op_type == "Gemm":
@@ -336,8 +338,9 @@ class FoldAffineAfter(Pass):
             return
         op = head.op
         assert head.bias is not None
-        gamma = new_const(graph, (head.weight * scale).astype(head.dtype), f"{op.name or 'bn'}_scale")
-        beta = new_const(graph, (head.bias * scale + shift).astype(head.dtype), f"{op.name or 'bn'}_B")
+        name = op.name or "bn"
+        gamma = new_const(graph, (head.weight * scale).astype(head.dtype), f"{name}_scale")
+        beta = new_const(graph, (head.bias * scale + shift).astype(head.dtype), f"{name}_B")
         graph.set_input(op, 1, gamma)
         graph.set_input(op, 2, beta)
         replace_ops(graph, chain, carried, op.outputs[0])

@@ -345,7 +345,8 @@ def match_layernorm(graph: Graph, mean: Op, shapes: Shapes):
     if len(readers) != 2 or graph.is_output(d):
         return None
     square = next((op for op in readers.values()
-                   if is_onnx(op, "Pow") and op.inputs[0] == d and near(scalar(graph, op.inputs[1]), 2.0)
+                   if is_onnx(op, "Pow") and op.inputs[0] == d
+                   and near(scalar(graph, op.inputs[1]), 2.0)
                    or is_onnx(op, "Mul") and op.inputs == (d, d)), None)
     div = next((op for op in readers.values() if is_onnx(op, "Div") and op.inputs[0] == d), None)
     if square is None or div is None:
@@ -411,9 +412,9 @@ class FuseLayerNorm(Pass):
                     continue
                 scale = np.ones(tail, dtype)
             if bias is not None and bias.shape != scale.shape:
-                bias = np.ascontiguousarray(np.broadcast_to(bias, np.broadcast_shapes(bias.shape, scale.shape)))
-                if bias.shape != scale.shape:
+                if np.broadcast_shapes(bias.shape, scale.shape) != scale.shape:
                     continue
+                bias = np.ascontiguousarray(np.broadcast_to(bias, scale.shape))
             inputs = [x, new_const(graph, scale, "ln_scale").name]
             if bias is not None:
                 inputs.append(new_const(graph, bias, "ln_bias").name)
@@ -448,7 +449,8 @@ def match_softmax(graph: Graph, div: Op) -> tuple[str, list[Op], str, int] | Non
     total = graph.producer_op(sum_name)
     if exp is None or total is None or not is_onnx(exp, "Exp") or not is_onnx(total, "ReduceSum"):
         return None
-    if total.inputs[0] != exp_name or not keeps_dims(total) or sole_reader(graph, sum_name) is not div:
+    if total.inputs[0] != exp_name or not keeps_dims(total) \
+            or sole_reader(graph, sum_name) is not div:
         return None
     if not used_only_by(graph, exp_name, [div, total]):
         return None
@@ -488,7 +490,8 @@ class FuseSoftmax(Pass):
                 rank = shapes.rank(x)
                 if axis != -1 and (rank is None or axis != rank - 1):
                     continue
-            softmax = graph.add_op("Softmax", [x], 1, {"axis": axis}, name=ops[-1].name or "Softmax")
+            softmax = graph.add_op("Softmax", [x], 1, {"axis": axis},
+                                   name=ops[-1].name or "Softmax")
             replace_ops(graph, ops, out, softmax.outputs[0])
             result.count("softmaxes_fused")
         return result

@@ -155,7 +155,8 @@ def test_matmul_3d_scale_folds_and_one_bias_add_remains():
              helper.make_node("Add", ["mm", "b"], ["a"]),
              helper.make_node("Div", ["a", "d"], ["y"])]
     model = make_model(nodes, [("x", [2, 3, 5])], [("y", [2, 3, 4])],
-                       [("W", w(5, 4)), ("b", w(4)), ("d", RNG.uniform(1, 2, 4).astype(np.float32))])
+                       [("W", w(5, 4)), ("b", w(4)),
+                        ("d", RNG.uniform(1, 2, 4).astype(np.float32))])
     graph, stats = fuse(model)
     assert op_types(graph) == ["Add", "MatMul"]
     assert stats["scales_folded"] == 1
@@ -176,7 +177,8 @@ def test_matmul_add_becomes_gemm_only_for_2d_activations():
              helper.make_node("Add", ["mm", "b"], ["y"]),
              helper.make_node("MatMul", ["x3", "W"], ["mm3"]),
              helper.make_node("Add", ["mm3", "b"], ["y3"])]
-    model = make_model(nodes, [("x", [3, 5]), ("x3", [2, 3, 5])], [("y", [3, 4]), ("y3", [2, 3, 4])],
+    model = make_model(nodes, [("x", [3, 5]), ("x3", [2, 3, 5])],
+                       [("y", [3, 4]), ("y3", [2, 3, 4])],
                        [("W", w(5, 4)), ("b", w(1, 4))])
     graph, stats = fuse(model)
     assert op_types(graph) == ["Add", "Gemm", "MatMul", "Relu"]
@@ -200,7 +202,8 @@ def test_per_pixel_or_rank_growing_constants_do_not_fold():
              helper.make_node("Conv", ["x", "W"], ["c2"]),
              helper.make_node("Mul", ["c2", "rank5"], ["m"])]      # grows the rank
     model = make_model(nodes, [("x", [1, 2, 4, 4])], [("a", [1, 3, 4, 4]), ("m", [1, 1, 3, 4, 4])],
-                       [("W", w(3, 2, 1, 1)), ("spatial", w(1, 1, 4, 4)), ("rank5", w(1, 1, 3, 1, 1))])
+                       [("W", w(3, 2, 1, 1)), ("spatial", w(1, 1, 4, 4)),
+                        ("rank5", w(1, 1, 3, 1, 1))])
     graph, stats = fuse(model)
     assert op_types(graph) == ["Add", "Conv", "Mul"]  # CSE merged the twin convs
     assert "shifts_folded" not in stats and "scales_folded" not in stats
@@ -288,7 +291,8 @@ def test_scale_and_shift_before_gemm_and_matmul():
              helper.make_node("Gemm", ["m", "B", "C"], ["y"], transB=1, alpha=0.5),
              helper.make_node("Div", ["x3", "d"], ["q"]),
              helper.make_node("MatMul", ["q", "W"], ["y3"])]
-    model = make_model(nodes, [("x", [3, 5]), ("x3", [2, 3, 5])], [("y", [3, 4]), ("y3", [2, 3, 4])],
+    model = make_model(nodes, [("x", [3, 5]), ("x3", [2, 3, 5])],
+                       [("y", [3, 4]), ("y3", [2, 3, 4])],
                        [("t", w(5)), ("s", w(1, 5)), ("B", w(4, 5)), ("C", w(4)),
                         ("d", RNG.uniform(1, 2, 5).astype(np.float32)), ("W", w(5, 4))])
     graph, stats = fuse(model)

@@ -44,7 +44,8 @@ def test_other_light_models_match_their_expected_output(name):
             producer = graph.producer_op(op.inputs[0])
             assert producer is None or producer.op_type != "Conv" \
                 or len(graph.consumers(op.inputs[0])) > 1
-            assert all(reader.op_type not in ("Mul", "Add") for reader in graph.consumer_ops(op.outputs[0]))
+            readers = graph.consumer_ops(op.outputs[0])
+            assert all(reader.op_type not in ("Mul", "Add") for reader in readers)
     got = run_ort(graph, light.light_input(model))[0]
     np.testing.assert_allclose(got, light.light_expected_output(name), rtol=1e-4, atol=1e-6)
 

@@ -201,7 +201,8 @@ AXES = [(f"ax{a}", np.array([a], np.int64)) for a in (-1, 1, 2)]
 
 def test_softmax_decompositions_become_softmax():
     nodes = softmax_nodes("a", "ya", -1, 13) + softmax_nodes("b", "yb", 1, 13, stable=False)
-    model = make_model(nodes, [("a", [2, 3, 5]), ("b", [2, 3, 5])], [("ya", [2, 3, 5]), ("yb", [2, 3, 5])],
+    model = make_model(nodes, [("a", [2, 3, 5]), ("b", [2, 3, 5])],
+                       [("ya", [2, 3, 5]), ("yb", [2, 3, 5])],
                        AXES, opset=13)
     graph, stats = fuse(model)
     assert op_types(graph) == ["Softmax", "Softmax"]
@@ -211,7 +212,8 @@ def test_softmax_decompositions_become_softmax():
 
 def test_softmax_before_opset_13_only_over_the_last_axis():
     nodes = softmax_nodes("a", "ya", 2, 11) + softmax_nodes("b", "yb", 1, 11)
-    model = make_model(nodes, [("a", [2, 3, 5]), ("b", [2, 3, 5])], [("ya", [2, 3, 5]), ("yb", [2, 3, 5])],
+    model = make_model(nodes, [("a", [2, 3, 5]), ("b", [2, 3, 5])],
+                       [("ya", [2, 3, 5]), ("yb", [2, 3, 5])],
                        opset=11)
     graph, stats = fuse(model)
     assert op_types(graph).count("Softmax") == 1 and "Exp" in op_types(graph)
