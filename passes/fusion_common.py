@@ -30,9 +30,15 @@ def is_onnx(op: Op, *op_types: str) -> bool:
 
 def constant(graph: Graph, name: str) -> np.ndarray | None:
     """The data of `name` if a pass may treat it as constant: an initializer (not overridable
-    as a graph input) or the output of a Constant op. None otherwise."""
+    as a graph input) or the output of a Constant op, of this graph or, for a subgraph's outer
+    reference, of the enclosing graph that defines it. None otherwise."""
     if not name or name not in graph.values:
         return None
+    if graph.values[name].outer:   # a subgraph reading a constant of an enclosing graph
+        scope = graph.parent
+        while scope is not None and name not in scope.values:
+            scope = scope.parent
+        return None if scope is None else constant(scope, name)
     array = graph.const_value(name)
     if array is not None:
         return array
@@ -110,6 +116,29 @@ def other_input(op: Op, name: str) -> str | None:
 def new_const(graph: Graph, array: np.ndarray, hint: str) -> Value:
     """A fresh initializer holding `array`."""
     return graph.add_const(np.ascontiguousarray(array), hint)
+
+
+def set_input(graph: Graph, op: Op, slot: int, new: str | Value) -> None:
+    """Point an input of `op` at another value; the old one goes if it was a constant or an
+    outer-scope reference that nothing reads any longer (so a subgraph stops importing it)."""
+    old = op.inputs[slot]
+    graph.set_input(op, slot, new)
+    _drop_if_orphaned(graph, old)
+
+
+def set_inputs(graph: Graph, op: Op, inputs: list[str]) -> None:
+    """`set_input` for every slot at once (the count may change)."""
+    old = list(op.inputs)
+    graph.set_inputs(op, inputs)
+    for name in old:
+        _drop_if_orphaned(graph, name)
+
+
+def _drop_if_orphaned(graph: Graph, name: str) -> None:
+    value = graph.values.get(name) if name else None
+    if value is not None and (value.is_const or value.outer) and not graph.nx.degree(value) \
+            and not graph.is_output(value) and not graph.is_input(value):
+        graph.remove_value(value)
 
 
 def replace_ops(graph: Graph, old_ops: list[Op], old_out: str, new_out: str) -> None:

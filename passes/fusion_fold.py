@@ -24,7 +24,8 @@ import numpy as np
 from graphopt.ir import Graph, Op
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_common import (Shapes, constant, is_float_array, is_onnx,
-                                           new_const, other_input, replace_ops, sole_reader)
+                                           new_const, other_input, replace_ops, set_input,
+                                           set_inputs, sole_reader)
 
 #: Ops whose weights can absorb per-channel scales and shifts.
 HEAD_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -174,7 +175,7 @@ def weights_times_input(head: Head, shift: np.ndarray) -> np.ndarray:
 def _set_weight(graph: Graph, head: Head, weight: np.ndarray) -> None:
     hint = f"{head.op.name or head.op.op_type}_w"
     value = new_const(graph, weight.astype(head.dtype, copy=False), hint)
-    graph.set_input(head.op, head.weight_slot, value)
+    set_input(graph, head.op, head.weight_slot, value)
 
 
 def _set_bias(graph: Graph, head: Head, bias: np.ndarray) -> None:
@@ -184,7 +185,7 @@ def _set_bias(graph: Graph, head: Head, bias: np.ndarray) -> None:
     value = new_const(graph, bias.astype(head.dtype), f"{op.name or op.op_type}_b")
     inputs = list(op.inputs) + [""] * (3 - len(op.inputs))
     inputs[2] = value.name
-    graph.set_inputs(op, inputs)
+    set_inputs(graph, op, inputs)
     if op.op_type == "Gemm":
         op.attrs["beta"] = 1.0
 
@@ -341,8 +342,8 @@ class FoldAffineAfter(Pass):
         name = op.name or "bn"
         gamma = new_const(graph, (head.weight * scale).astype(head.dtype), f"{name}_scale")
         beta = new_const(graph, (head.bias * scale + shift).astype(head.dtype), f"{name}_B")
-        graph.set_input(op, 1, gamma)
-        graph.set_input(op, 2, beta)
+        set_input(graph, op, 1, gamma)
+        set_input(graph, op, 2, beta)
         replace_ops(graph, chain, carried, op.outputs[0])
         for folded in chain:
             result.count("into_batchnorm_" + _stat(folded))
@@ -445,7 +446,7 @@ class FoldAffineBefore(Pass):
             return False
         new_bias = vec + shift @ head.weight.astype(np.float64)
         value = new_const(graph, new_bias.astype(head.dtype), f"{add.name or 'Add'}_b")
-        graph.set_input(add, add.inputs.index(bias_name), value)
+        set_input(graph, add, add.inputs.index(bias_name), value)
         return True
 
     @staticmethod
@@ -468,7 +469,7 @@ class FoldAffineBefore(Pass):
         shape[axis] = head.in_channels
         moved = new_const(graph, (shift / scale).reshape(shape).astype(head.dtype),
                           f"{shift_op.name or 'Add'}_c")
-        graph.set_inputs(shift_op, [x, moved.name])
+        set_inputs(graph, shift_op, [x, moved.name])
         shift_op.op_type = "Add"
         graph.remove_op(scale_op)
         _set_weight(graph, head, scale_input_channels(head, scale))

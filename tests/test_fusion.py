@@ -418,3 +418,23 @@ def test_fused_epilogues_run_in_the_graphopt_runtime():
     assert len(session.fused) == 1 and len(session.fused[0][1]) == 2
     got = session.run(feeds)["y"]
     assert rel_l2(got, run_ort(model, feeds)[0]) <= 1e-5
+
+
+def test_batchnorm_in_an_if_branch_folds_with_the_outer_weights():
+    from onnx import TensorProto
+
+    def branch(name, nodes, out):
+        out_info = helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 3, 4, 4])
+        return helper.make_graph(nodes, name, [], [out_info])
+    then_g = branch("then", [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+                             bn_node("c", "t_out", "bn")], "t_out")
+    else_g = branch("else", [helper.make_node("Relu", ["x"], ["e_out"])], "e_out")
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    model = make_model(nodes, [("x", [1, 3, 4, 4]), ("cond", [], TensorProto.BOOL)],
+                       [("y", [1, 3, 4, 4])], [("W", w(3, 3, 3, 3))] + bn_params("bn", 3))
+    feeds = {"x": RNG.standard_normal((1, 3, 4, 4)).astype(np.float32), "cond": np.array(True)}
+    graph, stats = fuse(model, feeds)
+    (if_op,) = graph.ops.values()
+    assert if_op.attrs["then_branch"].op_type_counts() == {"Conv": 1}
+    assert stats["batchnorms_folded"] == 1
+    assert sorted(graph.values) == ["cond", "x", "y"]   # the outer weights went unused
