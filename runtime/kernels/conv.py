@@ -28,14 +28,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphopt.errors import GraphoptError
+from numpy.lib.stride_tricks import as_strided
+
 from graphopt.runtime.kernels.gemm import (
-    F32_EXACT, conv_out_spatial, conv_pads, im2col, matmul_exact_f32, pad_spatial,
+    F32_EXACT, conv_out_spatial, conv_pads, im2col, matmul_exact_f32, pad_spatial, scratch,
 )
 
 #: im2col matrices above this many bytes are built and multiplied in tiles of output rows.
 IM2COL_TILE_BYTES = 1 << 21
-#: Elements per (channels x rows) block of the depthwise accumulator (fits L2 with its temp).
-DEPTHWISE_BLOCK = 1 << 15
+#: Elements of the im2col block of the depthwise path (1 MB of float32: L2-sized).
+DEPTHWISE_BLOCK = 1 << 18
 
 #: A matmul into a preallocated output: mm(a, b, out).
 MatMul = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
@@ -151,7 +153,7 @@ def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul 
         return out
     if geom.pointwise:
         _pointwise(x, weights, geom, mm, out)
-    elif weights.depthwise and len(geom.kernel) == 2 and taps_exact and out_dtype == np.float32:
+    elif weights.depthwise and len(geom.kernel) == 2 and taps_exact:
         _depthwise_2d(x, weights, geom, out)
     else:
         _im2col_gemm(x, weights, geom, mm, out)
@@ -202,13 +204,16 @@ def _im2col_gemm(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: n
 
 
 def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
-    """Depthwise 2-D conv as a sum of kernel taps over a flat, polyphase, padded layout.
+    """Depthwise 2-D conv: per cache-sized block of channels x output rows, an im2col of the
+    block (kernel taps x pixels per channel) and one batched GEMV (channel multiplier x taps)
+    @ (taps x pixels) for all the block's channels.
 
-    Input channel c feeds output channels c*m .. c*m+m-1 (m = channel multiplier). For stride
-    s, the padded input is split into s_h*s_w phase images so that every tap reads a stride-1
-    window of one phase; in a phase image flattened per channel, the window of tap (i, j) is
-    the contiguous slice starting at (i*d_h // s_h) * Wq + (j*d_w // s_w). Output pixel
-    (oh, ow) lands at flat position oh * Wq + ow; the columns ow >= OW are scratch and cropped.
+    The input is laid out "flat": the padded image of each channel is one contiguous row, so
+    the window of tap (i, j) is the contiguous slice starting at i*d_h*Wq + j*d_w, the im2col
+    copies run over long contiguous stretches, and output pixel (oh, ow) lands at oh*Wq + ow
+    (columns ow >= OW are scratch, cropped). Strides become stride 1 by splitting the padded
+    input into its s_h x s_w phase images (polyphase): tap (i, j) reads phase
+    (i*d_h % s_h, j*d_w % s_w) at row/column offset (i*d_h // s_h, j*d_w // s_w).
     """
     n, c = geom.batch, geom.in_channels
     kh, kw = geom.kernel
@@ -219,9 +224,13 @@ def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) 
     oh, ow = geom.out_spatial
     hp, wp = h + pt + pb, w + pl + pr
     hq, wq = -(-hp // sh), -(-wp // sw)
-    slack = wq * ((kh - 1) * dh // sh + 1) + (kw - 1) * dw // sw + 1
+    kk = kh * kw
     rows_in = n * c
-    phases = np.zeros((sh * sw, rows_in, hq * wq + slack), dtype=np.float32)
+    # Slack after the last phase row: the scratch columns of the last output row read past it.
+    slack = wq * ((kh - 1) * dh // sh + 1) + (kw - 1) * dw // sw + 1
+    plane = hq * wq + slack
+    dtype = out.dtype
+    phases = np.zeros((sh * sw, rows_in, plane), dtype=dtype)
     xr = x.reshape(rows_in, h, w)
     for a in range(sh):
         h0 = (a - pt) % sh              # first input row landing in phase row a
@@ -232,42 +241,47 @@ def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) 
             src = xr[:, h0::sh, w0::sw]
             dst = phases[a * sw + b, :, :hq * wq].reshape(rows_in, hq, wq)
             dst[:, u0:u0 + src.shape[1], v0:v0 + src.shape[2]] = src
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            r, q = i * dh, j * dw
-            taps.append(((r % sh) * sw + q % sw, (r // sh) * wq + q // sw, i * kw + j))
+    taps = [((i * dh % sh) * sw + j * dw % sw, (i * dh // sh) * wq + j * dw // sw)
+            for i in range(kh) for j in range(kw)]
     mult = weights.w.shape[0] // c
-    wt = weights.w.reshape(c, mult, kh * kw)
+    wt = weights.w.reshape(c, mult, kk)
     if n > 1:
-        wt = np.broadcast_to(wt[None], (n, c, mult, kh * kw)).reshape(rows_in, mult, kh * kw)
-    out_r = out.reshape(n, c, mult, oh, ow).reshape(rows_in, mult, oh, ow) if mult > 1 \
-        else out.reshape(rows_in, 1, oh, ow)
+        wt = np.broadcast_to(wt[None], (n, c, mult, kk)).reshape(rows_in, mult, kk)
+    out_r = out.reshape(rows_in, mult, oh, ow)
 
-    # Blocks of (channels x output rows) of about DEPTHWISE_BLOCK elements.
-    if oh * wq <= DEPTHWISE_BLOCK:
-        rows_per, ch_per = oh, max(1, DEPTHWISE_BLOCK // (oh * wq))
+    # Blocks of channels x output rows whose im2col holds about DEPTHWISE_BLOCK elements.
+    per_channel = kk * oh * wq
+    if per_channel <= DEPTHWISE_BLOCK:
+        rows_per, ch_per = oh, min(rows_in, DEPTHWISE_BLOCK // per_channel)
     else:
-        rows_per, ch_per = max(1, DEPTHWISE_BLOCK // wq), 1
-    acc = np.empty(ch_per * rows_per * wq, dtype=np.float32)
-    tmp = np.empty_like(acc)
-    for j in range(mult):
-        wj = wt[:, j, :]
-        for c0 in range(0, rows_in, ch_per):
-            c1 = min(rows_in, c0 + ch_per)
-            wc = wj[c0:c1]
-            for r0 in range(0, oh, rows_per):
-                r1 = min(oh, r0 + rows_per)
-                length = (r1 - r0) * wq
-                a_ = acc[:(c1 - c0) * length].reshape(c1 - c0, length)
-                t_ = tmp[:(c1 - c0) * length].reshape(c1 - c0, length)
-                q0 = r0 * wq
-                phase, off, t = taps[0]
-                np.multiply(phases[phase, c0:c1, q0 + off:q0 + off + length], wc[:, t:t + 1], out=a_)
-                for phase, off, t in taps[1:]:
-                    np.multiply(phases[phase, c0:c1, q0 + off:q0 + off + length], wc[:, t:t + 1], out=t_)
-                    a_ += t_
-                out_r[c0:c1, j, r0:r1] = a_.reshape(c1 - c0, r1 - r0, wq)[:, :, :ow]
+        rows_per, ch_per = max(1, DEPTHWISE_BLOCK // (kk * wq)), 1
+    length = rows_per * wq
+    cols_buf = scratch("depthwise.cols", ch_per * kk * length, dtype)
+    res_buf = scratch("depthwise.res", ch_per * mult * length, dtype)
+    item = phases.itemsize
+    windows = None
+    if sh == 1 and sw == 1:
+        # One read-only view of every tap window of every channel: blocks slice it.
+        windows = as_strided(phases[0], shape=(rows_in, kh, kw, plane - (kh - 1) * dh * wq - (kw - 1) * dw),
+                             strides=(phases.strides[1], dh * wq * item, dw * item, item),
+                             writeable=False)
+    for c0 in range(0, rows_in, ch_per):
+        c1 = min(rows_in, c0 + ch_per)
+        nc = c1 - c0
+        w_blk = wt[c0:c1]
+        for r0 in range(0, oh, rows_per):
+            r1 = min(oh, r0 + rows_per)
+            span = (r1 - r0) * wq
+            q0 = r0 * wq
+            cols = cols_buf[:nc * kk * span].reshape(nc, kk, span)
+            if windows is not None:
+                np.copyto(cols.reshape(nc, kh, kw, span), windows[c0:c1, :, :, q0:q0 + span])
+            else:
+                for t, (phase, off) in enumerate(taps):
+                    cols[:, t, :] = phases[phase, c0:c1, q0 + off:q0 + off + span]
+            res = res_buf[:nc * mult * span].reshape(nc, mult, span)
+            np.matmul(w_blk, cols, out=res)
+            out_r[c0:c1, :, r0:r1] = res.reshape(nc, mult, r1 - r0, wq)[..., :ow]
 
 
 def conv_exact_taps(weights_absmax: int, x_absmax: int, kernel: tuple[int, ...]) -> bool:

@@ -19,6 +19,7 @@ vpaddsw) exactly, saturation included; see its docstring for the model.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,33 @@ _MIN_F32_CHUNK = 128
 INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
 #: K-block after which FBGEMM's acc16 kernels spill the int16 accumulators into int32.
 ACC16_K_BLOCK = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Scratch buffers
+# --------------------------------------------------------------------------------------------
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(name: str, size: int, dtype=np.float32) -> np.ndarray:
+    """A 1-D work buffer of `size` elements, reused across calls (per thread, per name).
+
+    For blocked kernels whose blocks are sized to stay in cache: allocating them afresh on
+    every call costs more than the work on small blocks. Never return one from a kernel (the
+    session may write into kernel outputs) and never hold two users of one name at once.
+    """
+    key = (name, np.dtype(dtype))
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, 1), dtype=dtype)
+        _SCRATCH.buffers[key] = buf
+    return buf[:size]
 
 
 # --------------------------------------------------------------------------------------------

@@ -139,27 +139,24 @@ def _conv_transpose(node: KernelNode):
         # [begin, begin + out), which output_padding / output_shape may push beyond either end.
         shift = [max(0, -b_) for b_ in begin]
         canvas = [sh + max(f, b_ + o) for sh, f, b_, o in zip(shift, full, begin, out_spatial)]
-        exact_cover = canvas == full
+        # Taps with stride == kernel size tile the canvas exactly: no zero fill needed.
+        exact_cover = canvas == full and all(s == (k - 1) * dl + 1 for s, k, dl in
+                                             zip(strides, kernel_, dilations))
         y_full = np.empty((n, c_out) + tuple(canvas), dtype=dtype) if exact_cover \
             else np.zeros((n, c_out) + tuple(canvas), dtype=dtype)
         region = y_full[(slice(None), slice(None))
                         + tuple(slice(sh, sh + f) for sh, f in zip(shift, full))]
-        if all(s == k for s, k in zip(strides, kernel_)) and all(dl == 1 for dl in dilations):
-            # Non-overlapping taps: (n, c, i0, k0, i1, k1, ...) <- (n, c, k0, k1, ..., i0, i1, ...)
-            inter = (n, c_out) + tuple(v for pair in zip(spatial, kernel_) for v in pair)
-            perm = (0, 1) + tuple(v for i in range(d) for v in (2 + d + i, 2 + i))
-            if exact_cover:
-                np.copyto(region.reshape(inter), cols.transpose(perm))
+        non_overlapping = all(s >= (k - 1) * dl + 1 for s, k, dl in zip(strides, kernel_, dilations))
+        for tap in itertools.product(*(range(k) for k in kernel_)):
+            # Tap t of input pixel i lands on output pixel i * s + t * d: a strided slice.
+            dst = (slice(None), slice(None)) + tuple(
+                slice(t * dl, t * dl + s * (i - 1) + 1, s)
+                for t, dl, s, i in zip(tap, dilations, strides, spatial))
+            src = cols[(slice(None), slice(None)) + tap]
+            if non_overlapping:
+                region[dst] = src       # every canvas pixel gets exactly one tap (or none: 0)
             else:
-                region[...] = cols.transpose(perm).reshape(region.shape)
-        else:
-            if exact_cover:
-                region.fill(0)
-            for tap in itertools.product(*(range(k) for k in kernel_)):
-                dst = (slice(None), slice(None)) + tuple(
-                    slice(t * dl, t * dl + s * (i - 1) + 1, s)
-                    for t, dl, s, i in zip(tap, dilations, strides, spatial))
-                region[dst] += cols[(slice(None), slice(None)) + tap]
+                region[dst] += src
         crop = (slice(None), slice(None)) + tuple(
             slice(sh + b_, sh + b_ + o) for sh, b_, o in zip(shift, begin, out_spatial))
         y = y_full[crop]
@@ -666,25 +663,26 @@ def _axis_resample(in_len: int, out_len: int, scale: float, roi, *, mode: str, c
     return _AxisResample(in_len, idx, weights, outside)
 
 
+def _repeat_axis(x: np.ndarray, axis: int, factor: int) -> np.ndarray:
+    """np.repeat(x, factor, axis) as `factor` strided copies whose inner loops stay long
+    (numpy's repeat, or a broadcast copy, iterates over runs of length `factor`)."""
+    shape = x.shape[:axis + 1] + (factor,) + x.shape[axis + 1:]
+    out = np.empty(shape, dtype=x.dtype)
+    for i in range(factor):
+        out[(slice(None),) * (axis + 1) + (i,)] = x
+    return out.reshape(x.shape[:axis] + (x.shape[axis] * factor,) + x.shape[axis + 1:])
+
+
 def _apply_resample(x: np.ndarray, plans: dict[int, _AxisResample], extrapolation: float,
                     dtype: np.dtype) -> np.ndarray:
     # Integer-factor nearest axes: one broadcast copy for all of them.
-    repeats = {ax: p.repeat for ax, p in plans.items() if p.repeat is not None}
+    repeats = {ax: p.repeat for ax, p in plans.items() if p.repeat is not None and p.repeat > 1}
     y = x
-    if repeats:
-        shape, bshape = [], []
-        for ax, n in enumerate(y.shape):
-            f = repeats.get(ax)
-            shape.append(n)
-            bshape.append(n)
-            if f is not None:
-                shape.append(1)
-                bshape.append(f)
-        y = np.broadcast_to(y.reshape(shape), bshape).reshape(
-            [n * repeats.get(ax, 1) for ax, n in enumerate(y.shape)])
+    for ax in sorted(repeats, reverse=True):
+        y = _repeat_axis(y, ax, repeats[ax])
     mask = None
     for ax, plan in plans.items():
-        if ax in repeats:
+        if ax in repeats or plan.repeat == 1:
             continue
         if plan.weights is None:
             y = np.take(y, plan.idx[:, 0], axis=ax)
