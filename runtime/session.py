@@ -23,10 +23,11 @@ nothing else points into it.
 In place: a kernel that accepts `out=` lists the input slots whose buffer may take its output
 (`fn.inplace_slots`, see registry.py). The plan keeps, per step, the slots whose value dies at
 that step and was produced inside this graph (never a weight, graph input or outer-scope value);
-at run time the buffer is reused only if it is writeable and no other live tensor points into its
+at run time the buffer is reused only if it is writeable, contiguous (C or Fortran order; numpy
+computes some ufuncs wrongly in place on strided views) and no other live tensor points into its
 memory (a view of it, or the array it is a view of: `LiveBuffers.references`). Weights, Constant
-outputs and feeds are handed to kernels as read-only views, so neither they nor anything viewing
-them can be overwritten.
+outputs, feeds and the inputs a control-flow op hands its subgraph (loop-carried values, scan
+slices) are read-only views, so neither they nor anything viewing them can be overwritten.
 
 Fused epilogues: an op whose meta has `graphopt.fuse_into=<name of an earlier op>` is an
 elementwise epilogue (Relu, Clip, LeakyRelu, Sigmoid, HardSigmoid, HardSwish, Tanh, or Add/Sum of a
@@ -401,7 +402,12 @@ def _reusable(args: list[Any], slots: tuple[int, ...], live: memory.LiveBuffers)
     """The first candidate input whose buffer can take the output (see module doc)."""
     for slot in slots:
         cand = args[slot]
-        if type(cand) is not np.ndarray or not cand.flags.writeable \
+        if type(cand) is not np.ndarray:
+            continue
+        flags = cand.flags
+        # Contiguous only: numpy 2.4 computes some ufuncs wrongly in place on strided views
+        # (np.negative(v, out=v) of a column reads the wrong elements).
+        if not flags.writeable or not (flags.c_contiguous or flags.f_contiguous) \
                 or live.references(cand) != 1:
             continue
         shape = cand.shape
@@ -465,7 +471,9 @@ class SubgraphRunner:
         for name in program.outer_names:
             env[name] = scope[name]
         for name, value in zip(self.input_names, inputs):
-            env[name] = value
+            # Read-only, like feeds: a body op must never write into a carried value or a scan
+            # slice (nor into a view of one), which the control op may still hold.
+            env[name] = readonly(value)
         live = program.services.live
         program.execute(self._plan, env, live, None)
         outputs = [env[name] for name in self.output_names]

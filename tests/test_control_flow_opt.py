@@ -211,15 +211,11 @@ def test_loop_body_optimized_with_outer_constant_and_outer_value(level):
         assert "Transpose" not in ops
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime: a Loop body op that aliases a carried input (Identity, Reshape, Transpose views) "
-    "counts as produced inside the body, so an in-place kernel after it writes into the carried "
-    "buffer, which the previous iteration's scan output still holds "
-    "(runtime/session.py in-place rule, runtime/kernels/control.py Loop)"))
 @pytest.mark.parametrize("view", ["Identity", "Reshape"])
 def test_runtime_loop_scan_outputs_keep_each_iteration(view):
     """Found by the control-flow tests: body v_out = Add(view(v_in), 1), scan_out = v_out. The
-    graphopt runtime returned the last iteration's value for every scan row (3,3,3 for 1,2,3)."""
+    graphopt runtime returned the last iteration's value for every scan row (3,3,3 for 1,2,3).
+    Fixed in runtime/session.py: subgraph inputs are read-only, like feeds."""
     view_node = helper.make_node("Identity", ["v_in"], ["tv"]) if view == "Identity" else \
         helper.make_node("Reshape", ["v_in", "shape"], ["tv"])
     body = [helper.make_node("Identity", ["cond_in"], ["cond_out"]), view_node,

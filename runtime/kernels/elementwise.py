@@ -90,9 +90,15 @@ def _into(result: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _buffer(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """The array a multi-step kernel computes into: `out`, or a new one shaped like x (never a
+    numpy scalar, which a 0-d input would give and a later `out=` step would reject)."""
+    return np.empty_like(x) if out is None else out
+
+
 def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """1 / (1 + exp(-x)); exp overflows to inf for very negative x, which gives exactly 0."""
-    out = np.negative(x, out=out)
+    out = np.negative(x, out=_buffer(x, out))
     np.exp(out, out=out)
     np.add(out, 1, out=out)
     return np.reciprocal(out, out=out)
@@ -109,7 +115,7 @@ def _hard_sigmoid(node):
     beta = float(node.attr("beta", 0.5))
 
     def f(x, out):
-        out = np.multiply(x, alpha, out=out, dtype=x.dtype)
+        out = np.multiply(x, alpha, out=_buffer(x, out), dtype=x.dtype)
         np.add(out, beta, out=out)
         return np.clip(out, 0, 1, out=out)
     return f
@@ -118,7 +124,7 @@ def _hard_sigmoid(node):
 @_unary("HardSwish")
 def _hard_swish(node):
     def f(x, out):
-        gate = np.multiply(x, 1.0 / 6.0, dtype=x.dtype)
+        gate = np.multiply(x, 1.0 / 6.0, out=np.empty_like(x), dtype=x.dtype)
         np.add(gate, 0.5, out=gate)
         np.clip(gate, 0, 1, out=gate)
         return np.multiply(x, gate, out=out)
@@ -163,7 +169,7 @@ def _softplus(node):
 @_unary("Softsign")
 def _softsign(node):
     def f(x, out):
-        denom = np.abs(x)
+        denom = np.abs(x, out=np.empty_like(x))
         np.add(denom, 1, out=denom)
         return np.divide(x, denom, out=out)
     return f
@@ -201,7 +207,7 @@ def erf(x: np.ndarray) -> np.ndarray:
     error stays relative. Computed in float64 for float64 input, else float32, in place.
     """
     dtype = np.float64 if x.dtype == np.float64 else np.float32
-    xc = np.asarray(x, dtype=dtype)
+    xc = np.asarray(x, dtype=dtype).reshape(-1)   # 1-D: no numpy scalars for a 0-d input
     z = np.abs(xc)
     t = np.multiply(z, 0.5)
     t += 1.0
@@ -228,7 +234,7 @@ def erf(x: np.ndarray) -> np.ndarray:
             term *= -1.0 / n
             total += term * (1.0 / (2 * n + 1))
         result[small] = total * (2.0 / np.sqrt(np.pi))
-    return result
+    return result.reshape(np.shape(x))
 
 
 @_unary("Erf", inplace=False)
