@@ -208,8 +208,11 @@ def _simplify_view(graph: Graph, op: Op, result: PassResult) -> None:
             return
     if dims == start:
         if len(ops) == 2:
-            graph.set_input(op, 0, chain_source)
+            # the chain is the identity: one Identity stands for it, and goes if it can
+            out = op.outputs[0]
+            graph.remove_op(op, prune=True)
             remove_if_unused(graph, inner)
+            op = graph.add_op("Identity", [chain_source], [out])
             result.count("view_chains_merged")
         if bypass(graph, op):
             result.count("identity_views_removed")
