@@ -87,11 +87,14 @@ def test_conv(attrs, xs, ws, weights):
     ({"group": 6, "pads": [2, 2, 2, 2]}, (1, 6, 30, 17), (6, 1, 5, 5)),               # row blocks
     ({"group": 6, "pads": [1, 1, 1, 1], "strides": [2, 2]}, (2, 6, 19, 17), (12, 1, 3, 3)),
     ({"group": 16, "pads": [1, 1, 1, 1]}, (1, 16, 6, 6), (16, 1, 3, 3)),              # channel blocks
+    ({"pads": [1, 2, 0, 1]}, (2, 5, 9, 20), (4, 5, 3, 3)),                            # shifted GEMM
+    ({"pads": [2, 2, 2, 2], "dilations": [2, 1]}, (1, 3, 8, 17), (6, 3, 3, 4)),
 ])
 def test_conv_blocked_paths(monkeypatch, attrs, xs, ws):
     """Tiny block budgets force the im2col row tiles and the depthwise channel/row blocks."""
     monkeypatch.setattr(conv_engine, "IM2COL_TILE_BYTES", 2048)
     monkeypatch.setattr(conv_engine, "DEPTHWISE_BLOCK", 200)
+    monkeypatch.setattr(conv_engine, "SHIFTED_GEMM_TILE", 150)
     rng = np.random.default_rng(RNG_SEED)
     x, w, b = _rand(rng, *xs), _rand(rng, *ws), _rand(rng, ws[0])
     check("Conv", {"x": x, "w": w, "b": b}, attrs, consts=("w", "b"))
@@ -153,6 +156,7 @@ POOL_CASES = [
     {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]},
     {"kernel_shape": [4, 4], "auto_pad": "SAME_LOWER", "strides": [2, 2]},
     {"kernel_shape": [3, 2], "strides": [3, 2]},
+    {"kernel_shape": [9, 10]},                                  # one window: a global pool
 ]
 
 

@@ -10,6 +10,8 @@ constant), and each call picks the cheapest exact formulation for the input's sh
   contiguous row, so a tap is a contiguous slice at an offset and every multiply-add runs over
   long contiguous runs; strides become stride 1 by splitting the input into stride phases
   (polyphase); the work is blocked so the accumulator stays in cache;
+- stride-1 2-D convs with few output channels on wide maps: one GEMM per kernel tap on the
+  flat padded input read in place (shifted GEMM), accumulated; no im2col;
 - everything else: im2col (one strided copy per call, `gemm.im2col`) and one BLAS GEMM per
   (batch, group) via np.matmul's batching, tiled over output rows when the column matrix would
   not fit in cache.
@@ -38,6 +40,9 @@ from graphopt.runtime.kernels.gemm import (
 IM2COL_TILE_BYTES = 1 << 21
 #: Elements of the im2col block of the depthwise path (1 MB of float32: L2-sized).
 DEPTHWISE_BLOCK = 1 << 18
+#: Shifted-GEMM path: at most this many output channels, accumulator tiles of this many elements.
+SHIFTED_GEMM_MAX_COUT = 48
+SHIFTED_GEMM_TILE = 1 << 16
 
 #: A matmul into a preallocated output: mm(a, b, out).
 MatMul = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
@@ -117,6 +122,16 @@ class ConvWeights:
     w: np.ndarray
     mat: np.ndarray
     groups: int
+    _per_tap: np.ndarray | None = None
+
+    @property
+    def per_tap(self) -> np.ndarray:
+        """(taps, C_out, C_in) for groups == 1: one GEMM operand per kernel offset."""
+        if self._per_tap is None:
+            c_out, c_in = self.w.shape[:2]
+            self._per_tap = np.ascontiguousarray(
+                self.w.reshape(c_out, c_in, -1).transpose(2, 0, 1))
+        return self._per_tap
 
     @classmethod
     def prepare(cls, w: np.ndarray, groups: int, dtype=np.float32) -> ConvWeights:
@@ -155,9 +170,53 @@ def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul 
         _pointwise(x, weights, geom, mm, out)
     elif weights.depthwise and len(geom.kernel) == 2 and taps_exact:
         _depthwise_2d(x, weights, geom, out)
+    elif mm is float_matmul and _use_shifted_gemm(weights, geom):
+        _shifted_gemm_2d(x, weights, geom, out)
     else:
         _im2col_gemm(x, weights, geom, mm, out)
     return out
+
+
+def _use_shifted_gemm(weights: ConvWeights, geom: ConvGeometry) -> bool:
+    """Few output channels on a wide map, stride 1: the im2col copy (K x pixels) would cost
+    more than the GEMM it feeds, so multiply the input in place once per kernel tap."""
+    return (weights.groups == 1 and len(geom.kernel) == 2 and geom.strides == (1, 1)
+            and weights.out_channels <= SHIFTED_GEMM_MAX_COUT and geom.out_spatial[1] >= 16)
+
+
+def _shifted_gemm_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
+    """Stride-1 conv as a sum over kernel taps of W_tap (C_out x C_in) @ X shifted.
+
+    On the flat layout (`FlatLayout`: each channel's padded image one contiguous row), the
+    input seen by tap (i, j) is a contiguous slice of every row: a strided matrix that BLAS
+    reads in place, so there is no im2col at all. Tiles of output rows keep the accumulator
+    in cache.
+    """
+    n, c = geom.batch, geom.in_channels
+    oh, ow = geom.out_spatial
+    c_out = weights.out_channels
+    dtype = out.dtype
+    flat = FlatLayout.build(x, geom, dtype)
+    wq = flat.wq
+    planes = flat.phases[0].reshape(n, c, -1)
+    per_tap = weights.per_tap
+    rows = max(1, min(oh, SHIFTED_GEMM_TILE // (c_out * wq)))
+    acc_buf = scratch("shifted_gemm.acc", c_out * rows * wq, dtype)
+    tmp_buf = scratch("shifted_gemm.tmp", c_out * rows * wq, dtype)
+    for b in range(n):
+        src = planes[b]
+        for r0 in range(0, oh, rows):
+            r1 = min(oh, r0 + rows)
+            span = (r1 - r0) * wq
+            q0 = r0 * wq
+            acc = acc_buf[:c_out * span].reshape(c_out, span)
+            tmp = tmp_buf[:c_out * span].reshape(c_out, span)
+            for t, (_, off) in enumerate(flat.taps):
+                target = acc if t == 0 else tmp
+                np.matmul(per_tap[t], src[:, q0 + off:q0 + off + span], out=target)
+                if t:
+                    acc += tmp
+            out[b, :, r0:r1] = acc.reshape(c_out, r1 - r0, wq)[:, :, :ow]
 
 
 def _pointwise(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: np.ndarray) -> None:
@@ -203,46 +262,88 @@ def _im2col_gemm(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: n
             mm(weights.mat, cols[0], target)
 
 
-def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
-    """Depthwise 2-D conv: per cache-sized block of channels x output rows, an im2col of the
-    block (kernel taps x pixels per channel) and one batched GEMV (channel multiplier x taps)
-    @ (taps x pixels) for all the block's channels.
+@dataclass
+class FlatLayout:
+    """A 2-D conv input laid out "flat": each (image, channel) padded plane is one contiguous
+    row of a phase image, so every kernel tap reads a contiguous slice.
 
-    The input is laid out "flat": the padded image of each channel is one contiguous row, so
-    the window of tap (i, j) is the contiguous slice starting at i*d_h*Wq + j*d_w, the im2col
-    copies run over long contiguous stretches, and output pixel (oh, ow) lands at oh*Wq + ow
-    (columns ow >= OW are scratch, cropped). Strides become stride 1 by splitting the padded
-    input into its s_h x s_w phase images (polyphase): tap (i, j) reads phase
-    (i*d_h % s_h, j*d_w % s_w) at row/column offset (i*d_h // s_h, j*d_w // s_w).
+    Strides become stride 1 by splitting the padded input into its s_h x s_w phase images
+    (polyphase): tap (i, j) reads phase (i*d_h % s_h) * s_w + (j*d_w % s_w) starting at flat
+    offset (i*d_h // s_h) * Wq + (j*d_w // s_w). Output pixel (oh, ow) sits at oh * Wq + ow in
+    every tap's slice; columns ow >= OW are scratch and get cropped.
     """
+
+    phases: np.ndarray                 # (s_h * s_w, N * C, plane)
+    taps: list[tuple[int, int]]        # (phase, offset) per kernel tap, row-major (i, j)
+    wq: int                            # width of a phase image row
+    kernel: tuple[int, int]
+    dilations: tuple[int, int]
+
+    @classmethod
+    def build(cls, x: np.ndarray, geom: ConvGeometry, dtype) -> FlatLayout:
+        n, c = geom.batch, geom.in_channels
+        kh, kw = geom.kernel
+        sh, sw = geom.strides
+        dh, dw = geom.dilations
+        (pt, pl), (pb, pr) = geom.begin, geom.end
+        h, w = geom.in_spatial
+        hp, wp = h + pt + pb, w + pl + pr
+        hq, wq = -(-hp // sh), -(-wp // sw)
+        # Slack after the last phase row: the scratch columns of the last output row read it.
+        slack = wq * ((kh - 1) * dh // sh + 1) + (kw - 1) * dw // sw + 1
+        rows = n * c
+        phases = np.zeros((sh * sw, rows, hq * wq + slack), dtype=dtype)
+        xr = x.reshape(rows, h, w)
+        for a in range(sh):
+            h0 = (a - pt) % sh              # first input row landing in phase row a
+            u0 = (h0 + pt) // sh
+            for b in range(sw):
+                w0 = (b - pl) % sw
+                v0 = (w0 + pl) // sw
+                src = xr[:, h0::sh, w0::sw]
+                dst = phases[a * sw + b, :, :hq * wq].reshape(rows, hq, wq)
+                dst[:, u0:u0 + src.shape[1], v0:v0 + src.shape[2]] = src
+        taps = [((i * dh % sh) * sw + j * dw % sw, (i * dh // sh) * wq + j * dw // sw)
+                for i in range(kh) for j in range(kw)]
+        return cls(phases, taps, wq, (kh, kw), (dh, dw))
+
+    def windows(self) -> np.ndarray | None:
+        """For a single phase (stride 1): a read-only view (rows, kh, kw, positions) of every
+        tap's slice, so one copy gathers a whole im2col block. None for several phases."""
+        if self.phases.shape[0] != 1:
+            return None
+        base = self.phases[0]
+        item = base.itemsize
+        kh, kw = self.kernel
+        dh, dw = self.dilations
+        last = self.taps[-1][1]
+        return as_strided(base, shape=(base.shape[0], kh, kw, base.shape[1] - last),
+                          strides=(base.strides[0], dh * self.wq * item, dw * item, item),
+                          writeable=False)
+
+    def gather(self, cols: np.ndarray, c0: int, c1: int, q0: int, span: int,
+               windows: np.ndarray | None) -> None:
+        """cols (c1-c0, taps, span) <- every tap's slice [q0, q0+span) of rows c0..c1."""
+        if windows is not None:
+            np.copyto(cols.reshape(c1 - c0, windows.shape[1], windows.shape[2], span),
+                      windows[c0:c1, :, :, q0:q0 + span])
+        else:
+            for t, (phase, off) in enumerate(self.taps):
+                cols[:, t, :] = self.phases[phase, c0:c1, q0 + off:q0 + off + span]
+
+
+def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
+    """Depthwise 2-D conv: per cache-sized block of channels x output rows of the flat layout,
+    an im2col of the block (kernel taps x positions per channel) and one batched GEMV
+    (channel multiplier x taps) @ (taps x positions) for all the block's channels."""
     n, c = geom.batch, geom.in_channels
     kh, kw = geom.kernel
-    sh, sw = geom.strides
-    dh, dw = geom.dilations
-    (pt, pl), (pb, pr) = geom.begin, geom.end
-    h, w = geom.in_spatial
     oh, ow = geom.out_spatial
-    hp, wp = h + pt + pb, w + pl + pr
-    hq, wq = -(-hp // sh), -(-wp // sw)
     kk = kh * kw
     rows_in = n * c
-    # Slack after the last phase row: the scratch columns of the last output row read past it.
-    slack = wq * ((kh - 1) * dh // sh + 1) + (kw - 1) * dw // sw + 1
-    plane = hq * wq + slack
     dtype = out.dtype
-    phases = np.zeros((sh * sw, rows_in, plane), dtype=dtype)
-    xr = x.reshape(rows_in, h, w)
-    for a in range(sh):
-        h0 = (a - pt) % sh              # first input row landing in phase row a
-        u0 = (h0 + pt) // sh
-        for b in range(sw):
-            w0 = (b - pl) % sw
-            v0 = (w0 + pl) // sw
-            src = xr[:, h0::sh, w0::sw]
-            dst = phases[a * sw + b, :, :hq * wq].reshape(rows_in, hq, wq)
-            dst[:, u0:u0 + src.shape[1], v0:v0 + src.shape[2]] = src
-    taps = [((i * dh % sh) * sw + j * dw % sw, (i * dh // sh) * wq + j * dw // sw)
-            for i in range(kh) for j in range(kw)]
+    flat = FlatLayout.build(x, geom, dtype)
+    wq = flat.wq
     mult = weights.w.shape[0] // c
     wt = weights.w.reshape(c, mult, kk)
     if n > 1:
@@ -258,13 +359,7 @@ def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) 
     length = rows_per * wq
     cols_buf = scratch("depthwise.cols", ch_per * kk * length, dtype)
     res_buf = scratch("depthwise.res", ch_per * mult * length, dtype)
-    item = phases.itemsize
-    windows = None
-    if sh == 1 and sw == 1:
-        # One read-only view of every tap window of every channel: blocks slice it.
-        windows = as_strided(phases[0], shape=(rows_in, kh, kw, plane - (kh - 1) * dh * wq - (kw - 1) * dw),
-                             strides=(phases.strides[1], dh * wq * item, dw * item, item),
-                             writeable=False)
+    windows = flat.windows()
     for c0 in range(0, rows_in, ch_per):
         c1 = min(rows_in, c0 + ch_per)
         nc = c1 - c0
@@ -272,13 +367,8 @@ def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) 
         for r0 in range(0, oh, rows_per):
             r1 = min(oh, r0 + rows_per)
             span = (r1 - r0) * wq
-            q0 = r0 * wq
             cols = cols_buf[:nc * kk * span].reshape(nc, kk, span)
-            if windows is not None:
-                np.copyto(cols.reshape(nc, kh, kw, span), windows[c0:c1, :, :, q0:q0 + span])
-            else:
-                for t, (phase, off) in enumerate(taps):
-                    cols[:, t, :] = phases[phase, c0:c1, q0 + off:q0 + off + span]
+            flat.gather(cols, c0, c1, r0 * wq, span, windows)
             res = res_buf[:nc * mult * span].reshape(nc, mult, span)
             np.matmul(w_blk, cols, out=res)
             out_r[c0:c1, :, r0:r1] = res.reshape(nc, mult, r1 - r0, wq)[..., :ow]

@@ -1,8 +1,8 @@
 """Neural-network kernels: convolutions, pooling, normalizations, softmax, Gelu, resizing.
 
 Conv and ConvTranspose run on the shared engine in conv.py (im2col + BLAS, GEMM-only 1x1,
-tap-sum depthwise). Pooling is a loop over the kernel taps (never over pixels) on strided
-views of a padded input. Resize precomputes, per resized axis, the source indices and weights of
+tap-sum depthwise). Pooling reduces one spatial axis at a time (a loop over that axis's
+kernel taps, never over pixels) on strided views of a padded input. Resize precomputes, per resized axis, the source indices and weights of
 each output coordinate once per input shape and applies them with np.take.
 """
 
@@ -194,6 +194,10 @@ class _PoolGeometry:
                                                          self.dilations, spatial, begin)]
         self.spatial = spatial
         self.divisor: np.ndarray | None = None   # AveragePool: 1 / window counts
+        # One window covering exactly the unpadded input (a global pool in disguise).
+        self.global_window = (all(o == 1 for o in self.out) and not any(begin) and not any(self.end_ext)
+                              and list(self.kernel) == list(spatial)
+                              and all(dl == 1 for dl in self.dilations))
 
     def taps(self):
         """(tap index tuple, slices into the padded input) for every kernel offset."""
@@ -201,6 +205,27 @@ class _PoolGeometry:
             yield tap, (slice(None), slice(None)) + tuple(
                 slice(t * dl, t * dl + s * (o - 1) + 1, s)
                 for t, dl, s, o in zip(tap, self.dilations, self.strides, self.out))
+
+    def reduce_separable(self, xp: np.ndarray, ufunc) -> np.ndarray:
+        """Window reduction (max or sum) of the padded input, one spatial axis at a time.
+
+        A rectangular window's max/sum is the max/sum over rows of the max/sum over columns,
+        so k_h + k_w - 2 ufunc passes replace k_h * k_w - 1. Outer axes go first: their
+        slices keep contiguous inner rows, and the innermost axis, whose strided slices are
+        slow to read, is reduced last, on the smallest array.
+        """
+        y = xp
+        for axis in range(len(self.kernel)):
+            k, s, dl, o = self.kernel[axis], self.strides[axis], self.dilations[axis], self.out[axis]
+            def window(t, y=y, axis=axis):
+                index = [slice(None)] * y.ndim
+                index[2 + axis] = slice(t * dl, t * dl + s * (o - 1) + 1, s)
+                return y[tuple(index)]
+            z = window(0).copy()
+            for t in range(1, k):
+                ufunc(z, window(t), out=z)
+            y = z
+        return y if y is not xp else xp.copy()
 
     def window_counts(self, include_pad: bool) -> np.ndarray:
         """Number of window positions inside the input (or inside input + explicit pads)."""
@@ -231,7 +256,11 @@ def _max_pool(node: KernelNode):
         geom = geoms.get(x.shape)
         if geom is None:
             geom = geoms[x.shape] = _PoolGeometry(node, x.shape)
+        if not want_indices and geom.global_window:
+            return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
         xp = pad_spatial(x, geom.begin, geom.end_ext, _lowest(x.dtype))
+        if not want_indices:
+            return (geom.reduce_separable(xp, np.maximum),)
         y = None
         best = None
         for t, (tap, sl) in enumerate(geom.taps()):
@@ -283,13 +312,11 @@ def _average_pool(node: KernelNode):
             geom = geoms[x.shape] = _PoolGeometry(node, x.shape)
             geom.divisor = (1.0 / geom.window_counts(include_pad)).astype(_compute_dtype(x.dtype))
         dtype = _compute_dtype(x.dtype)
+        if geom.global_window:
+            y = np.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True, dtype=dtype)
+            return (y.astype(x.dtype, copy=False),)
         xp = pad_spatial(np.asarray(x, dtype=dtype), geom.begin, geom.end_ext)
-        y = None
-        for _, sl in geom.taps():
-            if y is None:
-                y = xp[sl].copy()
-            else:
-                y += xp[sl]
+        y = geom.reduce_separable(xp, np.add)
         y *= geom.divisor
         return (y.astype(x.dtype, copy=False),)
     return run
@@ -306,9 +333,7 @@ def _lp_pool(node: KernelNode):
             geom = geoms[x.shape] = _PoolGeometry(node, x.shape)
         dtype = _compute_dtype(x.dtype)
         xp = np.abs(pad_spatial(np.asarray(x, dtype=dtype), geom.begin, geom.end_ext)) ** p
-        y = None
-        for _, sl in geom.taps():
-            y = xp[sl].copy() if y is None else y + xp[sl]
+        y = geom.reduce_separable(xp, np.add)
         return ((y ** (1.0 / p)).astype(x.dtype, copy=False),)
     return run
 
