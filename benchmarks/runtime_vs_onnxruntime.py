@@ -1,9 +1,11 @@
 """graphopt's runtime against onnxruntime: fp32, batch 1, one thread each.
 
-    python benchmarks/runtime_vs_onnxruntime.py [--runs 20] [--models resnet50,det] [--profile]
+    python benchmarks/runtime_vs_onnxruntime.py [--runs 20] [--models resnet50,det] [--o2] [--profile]
 
 Both runtimes run the model as loaded (no graphopt passes; onnxruntime at ORT_ENABLE_ALL, its
-normal setting). After a warm-up, the runs of the two are interleaved (graphopt, onnxruntime,
+normal setting, which folds BatchNormalization into Conv and fuses activations). With --o2 a
+third runner joins: graphopt's runtime on the graph after graphopt's own O2 pipeline (the same
+kinds of rewrites), still against onnxruntime on the original model. After a warm-up, the runs of the two are interleaved (graphopt, onnxruntime,
 graphopt, ...) so that load from other processes hits both alike; the table shows medians, the
 ratio graphopt / onnxruntime (target <= 1.5) and the relative L2 distance between the outputs.
 """
@@ -24,6 +26,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+import graphopt  # noqa: E402
 from graphopt.runtime import Session  # noqa: E402
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -57,36 +60,51 @@ def ort_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def bench(name: str, runs: int, warmup: int, profile: bool) -> dict | None:
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def bench(name: str, runs: int, warmup: int, profile: bool, o2: bool) -> dict | None:
     locate, shape = MODELS[name]
     path = locate()
     if path is None or not path.exists():
         print(f"{name}: skipped (model not installed)")
         return None
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    ours = Session(str(path))
+    runners = {"graphopt": Session(str(path))}
+    if o2:
+        from graphopt.pipeline import optimize
+        graph = graphopt.load(str(path))
+        optimize(graph, "O2")
+        runners["graphopt_o2"] = Session(graph)
     theirs = ort_session(path)
-    feed_name = ours.inputs[0].name
+    feed_name = runners["graphopt"].inputs[0].name
     ort_name = theirs.get_inputs()[0].name
+    calls = {key: (lambda s=s: s.run({feed_name: x})) for key, s in runners.items()}
+    calls["onnxruntime"] = lambda: theirs.run(None, {ort_name: x})
     for _ in range(warmup):
-        y_ours = next(iter(ours.run({feed_name: x}).values()))
-        y_theirs = theirs.run(None, {ort_name: x})[0]
-    t_ours, t_theirs, cpu_ours, cpu_theirs = [], [], [], []
+        for call in calls.values():
+            call()
+    y_ours = next(iter(runners["graphopt"].run({feed_name: x}).values()))
+    y_theirs = theirs.run(None, {ort_name: x})[0]
+    wall = {key: [] for key in calls}
+    cpu = {key: [] for key in calls}
     for _ in range(runs):
-        start, cpu = time.perf_counter(), time.thread_time()
-        ours.run({feed_name: x})
-        t_ours.append(time.perf_counter() - start)
-        cpu_ours.append(time.thread_time() - cpu)
-        start, cpu = time.perf_counter(), time.thread_time()
-        theirs.run(None, {ort_name: x})
-        t_theirs.append(time.perf_counter() - start)
-        cpu_theirs.append(time.thread_time() - cpu)
+        for key, call in calls.items():       # interleaved: load from other jobs hits all alike
+            start, cpu_start = time.perf_counter(), time.thread_time()
+            call()
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.thread_time() - cpu_start)
     diff = float(np.linalg.norm(y_ours - y_theirs) / max(np.linalg.norm(y_theirs), 1e-30))
-    row = {"model": name, "shape": "x".join(map(str, shape)),
-           "graphopt_ms": statistics.median(t_ours) * 1e3,
-           "onnxruntime_ms": statistics.median(t_theirs) * 1e3, "rel_l2": diff}
+    row = {"model": name, "shape": "x".join(map(str, shape)), "rel_l2": diff,
+           "graphopt_ms": _median_ms(wall["graphopt"]),
+           "onnxruntime_ms": _median_ms(wall["onnxruntime"])}
     row["ratio"] = row["graphopt_ms"] / row["onnxruntime_ms"]
-    row["cpu_ratio"] = statistics.median(cpu_ours) / statistics.median(cpu_theirs)
+    row["cpu_ratio"] = statistics.median(cpu["graphopt"]) / statistics.median(cpu["onnxruntime"])
+    if o2:
+        row["o2_ms"] = _median_ms(wall["graphopt_o2"])
+        row["o2_ratio"] = row["o2_ms"] / row["onnxruntime_ms"]
+        row["o2_cpu_ratio"] = statistics.median(cpu["graphopt_o2"]) / statistics.median(cpu["onnxruntime"])
     if profile:
         prof = Session(str(path), profile=True)
         for _ in range(max(3, runs // 4)):
@@ -100,15 +118,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", default=DEFAULT, help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--o2", action="store_true",
+                        help="also time graphopt's runtime on the graph after graphopt's O2 passes")
     parser.add_argument("--profile", action="store_true", help="also print graphopt's op-type profile")
     args = parser.parse_args()
-    rows = [r for r in (bench(m, max(args.runs, 1), args.warmup, args.profile)
+    rows = [r for r in (bench(m, max(args.runs, 1), args.warmup, args.profile, args.o2)
                         for m in args.models.split(",")) if r]
+    extra = f"{'O2 ms':>9}{'O2 ratio':>10}{'O2 cpu':>8}" if args.o2 else ""
     print(f"{'model':<12}{'input':<14}{'graphopt ms':>13}{'onnxruntime ms':>16}{'ratio':>8}"
-          f"{'cpu ratio':>11}{'rel L2':>10}")
+          f"{'cpu ratio':>11}{extra}{'rel L2':>10}")
     for r in rows:
+        extra = (f"{r['o2_ms']:>9.1f}{r['o2_ratio']:>10.2f}{r['o2_cpu_ratio']:>8.2f}"
+                 if args.o2 else "")
         print(f"{r['model']:<12}{r['shape']:<14}{r['graphopt_ms']:>13.1f}{r['onnxruntime_ms']:>16.1f}"
-              f"{r['ratio']:>8.2f}{r['cpu_ratio']:>11.2f}{r['rel_l2']:>10.1e}")
+              f"{r['ratio']:>8.2f}{r['cpu_ratio']:>11.2f}{extra}{r['rel_l2']:>10.1e}")
     print(f"({args.runs} interleaved runs after {args.warmup} warm-up; one thread each; "
           f"onnxruntime {ort.__version__} at ORT_ENABLE_ALL)")
 
