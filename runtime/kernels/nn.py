@@ -206,26 +206,38 @@ class _PoolGeometry:
                 slice(t * dl, t * dl + s * (o - 1) + 1, s)
                 for t, dl, s, o in zip(tap, self.dilations, self.strides, self.out))
 
-    def reduce_separable(self, xp: np.ndarray, ufunc) -> np.ndarray:
-        """Window reduction (max or sum) of the padded input, one spatial axis at a time.
+    def reduce_separable(self, x: np.ndarray, ufunc, identity) -> np.ndarray:
+        """Window reduction (max or sum) of the unpadded input, one spatial axis at a time.
 
         A rectangular window's max/sum is the max/sum over rows of the max/sum over columns,
-        so k_h + k_w - 2 ufunc passes replace k_h * k_w - 1. Outer axes go first: their
-        slices keep contiguous inner rows, and the innermost axis, whose strided slices are
-        slow to read, is reduced last, on the smallest array.
+        so k_h + k_w ufunc passes replace k_h * k_w. Padding is never materialized: tap t of
+        output o reads input o * s - pad_begin + t * d, and each tap updates only the outputs
+        for which that position lies inside the input (the others see `identity`, which is
+        what -inf / zero padding would contribute). Outer axes go first: their slices keep
+        contiguous inner rows; the innermost axis, slow to read with a stride, comes last, on
+        the smallest array.
         """
-        y = xp
+        y = x
         for axis in range(len(self.kernel)):
-            k, s, dl, o = self.kernel[axis], self.strides[axis], self.dilations[axis], self.out[axis]
-            def window(t, y=y, axis=axis):
-                index = [slice(None)] * y.ndim
-                index[2 + axis] = slice(t * dl, t * dl + s * (o - 1) + 1, s)
-                return y[tuple(index)]
-            z = window(0).copy()
-            for t in range(1, k):
-                ufunc(z, window(t), out=z)
+            k, s, dl = self.kernel[axis], self.strides[axis], self.dilations[axis]
+            o, b = self.out[axis], self.begin[axis]
+            n_in = y.shape[2 + axis]
+            shape = list(y.shape)
+            shape[2 + axis] = o
+            z = np.full(shape, identity, dtype=y.dtype)
+            lead = (slice(None),) * (2 + axis)
+            for t in range(k):
+                shift = t * dl - b                       # input index = o * s + shift
+                lo = max(0, -(shift // s))                   # first o with o*s + shift >= 0
+                hi = max(0, min(o, (n_in - 1 - shift) // s + 1))  # past last o inside
+                if lo >= hi:
+                    continue
+                first = lo * s + shift
+                src = y[lead + (slice(first, first + s * (hi - lo - 1) + 1, s),)]
+                dst = z[lead + (slice(lo, hi),)]
+                ufunc(dst, src, out=dst)
             y = z
-        return y if y is not xp else xp.copy()
+        return y
 
     def window_counts(self, include_pad: bool) -> np.ndarray:
         """Number of window positions inside the input (or inside input + explicit pads)."""
@@ -258,9 +270,9 @@ def _max_pool(node: KernelNode):
             geom = geoms[x.shape] = _PoolGeometry(node, x.shape)
         if not want_indices and geom.global_window:
             return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
-        xp = pad_spatial(x, geom.begin, geom.end_ext, _lowest(x.dtype))
         if not want_indices:
-            return (geom.reduce_separable(xp, np.maximum),)
+            return (geom.reduce_separable(x, np.maximum, _lowest(x.dtype)),)
+        xp = pad_spatial(x, geom.begin, geom.end_ext, _lowest(x.dtype))
         y = None
         best = None
         for t, (tap, sl) in enumerate(geom.taps()):
@@ -315,8 +327,7 @@ def _average_pool(node: KernelNode):
         if geom.global_window:
             y = np.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True, dtype=dtype)
             return (y.astype(x.dtype, copy=False),)
-        xp = pad_spatial(np.asarray(x, dtype=dtype), geom.begin, geom.end_ext)
-        y = geom.reduce_separable(xp, np.add)
+        y = geom.reduce_separable(np.asarray(x, dtype=dtype), np.add, 0)
         y *= geom.divisor
         return (y.astype(x.dtype, copy=False),)
     return run
@@ -332,8 +343,7 @@ def _lp_pool(node: KernelNode):
         if geom is None:
             geom = geoms[x.shape] = _PoolGeometry(node, x.shape)
         dtype = _compute_dtype(x.dtype)
-        xp = np.abs(pad_spatial(np.asarray(x, dtype=dtype), geom.begin, geom.end_ext)) ** p
-        y = geom.reduce_separable(xp, np.add)
+        y = geom.reduce_separable(np.abs(np.asarray(x, dtype=dtype)) ** p, np.add, 0)
         return ((y ** (1.0 / p)).astype(x.dtype, copy=False),)
     return run
 
