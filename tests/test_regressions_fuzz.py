@@ -39,11 +39,6 @@ def _unsqueeze_squeeze(opset: int, axes: list[int], shape: list[int]) -> onnx.Mo
                       ir_version=7 if opset < 13 else 8)
 
 
-_VIEW_CHAIN_BUG = ("reshape_simplify merges Unsqueeze->Squeeze by pointing the Squeeze at the "
-                   "Unsqueeze's input with its axes unchanged (passes/reshape.py)")
-
-
-@pytest.mark.xfail(strict=True, reason=_VIEW_CHAIN_BUG)
 @pytest.mark.parametrize("opset, axes, shape", [
     (18, [1], [1, 13]),        # fuzz seed 432: Squeeze axis 1 of the un-unsqueezed [1, 13]
     (17, [3], [2, 5, 6]),      # seed 675: axis 3 out of range for rank 3
@@ -52,9 +47,10 @@ _VIEW_CHAIN_BUG = ("reshape_simplify merges Unsqueeze->Squeeze by pointing the S
     (17, [0], [1, 12, 1, 8]),  # seed 1015: squeezes the wrong dim, output rank 3 instead of 4
 ])
 def test_unsqueeze_then_squeeze_of_the_same_axes_is_the_identity(opset, axes, shape):
-    """reshape_simplify ("view_chains_merged") rewires the Squeeze to read the Unsqueeze's input
-    but keeps the Squeeze's axes: an invalid model (checker/onnxruntime reject it) or, when the
-    axes happen to name size-1 dims, a wrong output shape."""
+    """reshape_simplify ("view_chains_merged") rewired the Squeeze to read the Unsqueeze's input
+    but kept the Squeeze's axes: an invalid model (checker/onnxruntime reject it) or, when the
+    axes happen to name size-1 dims, a wrong output shape. Fixed in b0ca6a0 (passes/reshape.py:
+    an identity view chain becomes an Identity)."""
     model = _unsqueeze_squeeze(opset, axes, shape)
     feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     _assert_clean(model, feeds, ("O2", "runtime-O2"))
