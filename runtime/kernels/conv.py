@@ -234,19 +234,20 @@ def _pointwise(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: np.
 
 def _im2col_gemm(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: np.ndarray) -> None:
     n, groups = geom.batch, weights.groups
-    xp = pad_spatial(x, geom.begin, geom.end)
+    xp = pad_spatial(x, geom.begin, geom.end, work="im2col.padded")
     k = weights.mat.shape[2]
     pixels = math.prod(geom.out_spatial)
     row_pixels = pixels // geom.out_spatial[0]
     col_bytes = k * groups * pixels * xp.itemsize
     if col_bytes * n <= IM2COL_TILE_BYTES or geom.out_spatial[0] == 1:
-        cols = im2col(xp, geom.kernel, geom.strides, geom.dilations, geom.out_spatial, groups)
+        cols = scratch("im2col.cols", n * groups * k * pixels, xp.dtype).reshape(n, groups, k, pixels)
+        im2col(xp, geom.kernel, geom.strides, geom.dilations, geom.out_spatial, groups, out=cols)
         mm(weights.mat, cols, out.reshape(n, groups, -1, pixels))
         return
     # Tiles of output rows: the column matrix of a tile stays in cache and the GEMM writes
     # straight into the rows of the output.
     rows = max(1, IM2COL_TILE_BYTES // (k * groups * row_pixels * xp.itemsize))
-    buf = np.empty(groups * k * rows * row_pixels, dtype=xp.dtype)
+    buf = scratch("im2col.cols", groups * k * rows * row_pixels, xp.dtype)
     stride0 = geom.strides[0]
     for b in range(n):
         out_b = out[b].reshape((groups, -1) + geom.out_spatial)
@@ -273,7 +274,7 @@ class FlatLayout:
     every tap's slice; columns ow >= OW are scratch and get cropped.
     """
 
-    phases: np.ndarray                 # (s_h * s_w, N * C, plane)
+    phases: np.ndarray                 # (s_h * s_w, N * C, plane), a scratch buffer
     taps: list[tuple[int, int]]        # (phase, offset) per kernel tap, row-major (i, j)
     wq: int                            # width of a phase image row
     kernel: tuple[int, int]
@@ -292,7 +293,9 @@ class FlatLayout:
         # Slack after the last phase row: the scratch columns of the last output row read it.
         slack = wq * ((kh - 1) * dh // sh + 1) + (kw - 1) * dw // sw + 1
         rows = n * c
-        phases = np.zeros((sh * sw, rows, hq * wq + slack), dtype=dtype)
+        plane = hq * wq + slack
+        phases = scratch("flat.phases", sh * sw * rows * plane, dtype).reshape(sh * sw, rows, plane)
+        phases.fill(0)
         xr = x.reshape(rows, h, w)
         for a in range(sh):
             h0 = (a - pt) % sh              # first input row landing in phase row a

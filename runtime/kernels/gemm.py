@@ -103,13 +103,21 @@ def conv_out_spatial(in_spatial: Sequence[int], kernel: Sequence[int], strides: 
     return out
 
 
-def pad_spatial(x: np.ndarray, begin: Sequence[int], end: Sequence[int], value: float = 0.0
-                ) -> np.ndarray:
-    """x (N, C, *S) padded on the spatial axes with a constant; x itself when no pad."""
+def pad_spatial(x: np.ndarray, begin: Sequence[int], end: Sequence[int], value: float = 0.0,
+                work: str | None = None) -> np.ndarray:
+    """x (N, C, *S) padded on the spatial axes with a constant; x itself when no pad.
+
+    work: name of a `scratch` buffer to build the padded copy in (a temporary the caller drops
+    before returning), instead of a fresh allocation.
+    """
     if not any(begin) and not any(end):
         return x
     shape = x.shape[:2] + tuple(s + b + e for s, b, e in zip(x.shape[2:], begin, end))
-    out = np.full(shape, value, dtype=x.dtype) if value else np.zeros(shape, dtype=x.dtype)
+    if work is None:
+        out = np.full(shape, value, dtype=x.dtype) if value else np.zeros(shape, dtype=x.dtype)
+    else:
+        out = scratch(work, math.prod(shape), x.dtype).reshape(shape)
+        out.fill(value)
     inner = (slice(None), slice(None)) + tuple(slice(b, b + s) for b, s in zip(begin, x.shape[2:]))
     out[inner] = x
     return out
