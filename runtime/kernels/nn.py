@@ -17,7 +17,7 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.runtime.kernels.conv import ConvAttrs, ConvPlan, conv
 from graphopt.runtime.kernels.elementwise import erf
-from graphopt.runtime.kernels.gemm import conv_out_spatial, conv_pads, pad_spatial
+from graphopt.runtime.kernels.gemm import conv_out_spatial, conv_pads, pad_spatial, scratch
 from graphopt.runtime.kernels.registry import KernelNode, kernel, writes_into
 
 
@@ -131,7 +131,10 @@ def _conv_transpose(node: KernelNode):
         d = len(spatial)
         c_out = w.shape[1] * groups
         pixels = math.prod(spatial)
-        cols = np.matmul(w_mat, x.reshape(n, groups, c_in // groups, pixels))
+        kk = math.prod(kernel_)
+        cols = scratch("conv_transpose.cols", n * c_out * kk * pixels, dtype)
+        np.matmul(w_mat, x.reshape(n, groups, c_in // groups, pixels),
+                  out=cols.reshape(n, groups, w_mat.shape[1], pixels))
         cols = cols.reshape((n, c_out) + tuple(kernel_) + tuple(spatial))
         full = [s * (i - 1) + (k - 1) * dl + 1
                 for s, i, k, dl in zip(strides, spatial, kernel_, dilations)]
@@ -698,11 +701,13 @@ def _axis_resample(in_len: int, out_len: int, scale: float, roi, *, mode: str, c
     return _AxisResample(in_len, idx, weights, outside)
 
 
-def _repeat_axis(x: np.ndarray, axis: int, factor: int) -> np.ndarray:
+def _repeat_axis(x: np.ndarray, axis: int, factor: int, work: str | None = None) -> np.ndarray:
     """np.repeat(x, factor, axis) as `factor` strided copies whose inner loops stay long
-    (numpy's repeat, or a broadcast copy, iterates over runs of length `factor`)."""
+    (numpy's repeat, or a broadcast copy, iterates over runs of length `factor`).
+    work: build it in that scratch buffer (for an intermediate the caller drops)."""
     shape = x.shape[:axis + 1] + (factor,) + x.shape[axis + 1:]
-    out = np.empty(shape, dtype=x.dtype)
+    out = np.empty(shape, dtype=x.dtype) if work is None \
+        else scratch(work, math.prod(shape), x.dtype).reshape(shape)
     for i in range(factor):
         out[(slice(None),) * (axis + 1) + (i,)] = x
     return out.reshape(x.shape[:axis] + (x.shape[axis] * factor,) + x.shape[axis + 1:])
@@ -713,8 +718,11 @@ def _apply_resample(x: np.ndarray, plans: dict[int, _AxisResample], extrapolatio
     # Integer-factor nearest axes: one broadcast copy for all of them.
     repeats = {ax: p.repeat for ax, p in plans.items() if p.repeat is not None and p.repeat > 1}
     y = x
-    for ax in sorted(repeats, reverse=True):
-        y = _repeat_axis(y, ax, repeats[ax])
+    order = sorted(repeats, reverse=True)
+    others = any(p.repeat != 1 for ax, p in plans.items() if ax not in repeats)
+    for i, ax in enumerate(order):
+        last = i == len(order) - 1 and not others
+        y = _repeat_axis(y, ax, repeats[ax], work=None if last else f"resize.repeat{i % 2}")
     mask = None
     for ax, plan in plans.items():
         if ax in repeats or plan.repeat == 1:
