@@ -138,12 +138,14 @@ def _evaluate(graph: Graph, op: Op, limit: int) -> list[np.ndarray] | None:
     from graphopt.errors import UnsupportedOpError
     from graphopt.runtime.kernels.registry import KernelNode, lookup
 
+    if not all(_is_constant(graph, graph.values[n]) for n in op.inputs if n):
+        return None  # decided before decoding any (possibly large) initializer
     consts = graph.const_inputs(op)
     if any(c is None for n, c in zip(op.inputs, consts) if n):
         return None
     if any(c.dtype == object for c in consts if c is not None):
         return None
-    if op.op_type in EXPANDING_OPS and _too_large(graph, op, consts, limit):
+    if _too_large(graph, op, consts, limit):
         return None
     try:
         factory = lookup(op.op_type, op.domain, graph.opset(op.domain))
@@ -155,6 +157,8 @@ def _evaluate(graph: Graph, op: Op, limit: int) -> list[np.ndarray] | None:
         return None
     arrays = []
     for name, out in zip(op.outputs, outputs):
+        if not isinstance(out, (np.ndarray, np.generic)):
+            return None  # a sequence or map: not an initializer
         array = np.array(out, copy=True, order="C")  # own the data; never a view of an input
         if name and not _matches_declaration(graph.values[name], array):
             return None
@@ -162,6 +166,14 @@ def _evaluate(graph: Graph, op: Op, limit: int) -> list[np.ndarray] | None:
     if len(arrays) != len(op.outputs) or any(a.dtype == object for a in arrays):
         return None
     return arrays
+
+
+def _is_constant(graph: Graph, value: Value) -> bool:
+    """`graph.const_value(value) is not None`, without decoding the data."""
+    if not value.is_const or value.outer:
+        return False
+    info = graph.root.model
+    return not graph.is_input(value) or (info is not None and info.ir_version < 4)
 
 
 def _read_only(consts: list[np.ndarray | None]) -> list[np.ndarray | None]:
@@ -183,10 +195,16 @@ def _matches_declaration(value: Value, array: np.ndarray) -> bool:
 
 
 def _too_large(graph: Graph, op: Op, consts: list[np.ndarray | None], limit: int) -> bool:
-    """Whether an expanding op's result exceeds the limit and no rewrite needs its values."""
-    nbytes = _predicted_nbytes(graph, op, consts)
-    if nbytes is not None and nbytes <= limit:
-        return False
+    """Whether the op would make a constant over the limit and larger than its inputs (an
+    expanding op, or any op whose declared output is that large) that no rewrite needs."""
+    if op.op_type in EXPANDING_OPS:
+        nbytes = _predicted_nbytes(graph, op, consts)
+        if nbytes is not None and nbytes <= limit:
+            return False
+    else:
+        nbytes = graph.values[op.outputs[0]].nbytes if op.outputs and op.outputs[0] else 0
+        if nbytes <= max(limit, sum(c.nbytes for c in consts if c is not None)):
+            return False
     return not any(_values_needed(graph, graph.values[n]) for n in op.outputs if n)
 
 

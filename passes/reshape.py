@@ -412,14 +412,16 @@ def _absorb_head_split(graph: Graph, transpose: Op) -> bool:
     rank = x.rank
     k, n = weight.shape
     dims = source_dims(y)
+    if dims is None:
+        return False
     split = view_dims(graph, reshape, list(dims))
     if split is None or len(split) != rank + 1 or split[:rank - 1] != dims[:rank - 1]:
         return False
     heads, depth = split[rank - 1], split[rank]
     if not isinstance(heads, int) or not isinstance(depth, int) or heads * depth != n:
         return False
-    if bias is not None and bias.size not in (1, n) or \
-            bias is not None and bias.size == n and bias.shape[-1] != n:
+    if bias is not None and (bias.size not in (1, n) or bias.ndim > rank
+                             or bias.size == n and bias.shape[-1] != n):
         return False
     perm = perm_of(graph, transpose)
     if perm is None or len(perm) != rank + 1:
@@ -547,6 +549,8 @@ def _absorb_step(graph: Graph, op: Op, slot: int, value: Value, inverse: np.ndar
     kind = op.op_type
     if slot != 0 and kind not in _CHANNELWISE_BINARY:
         return None
+    if any(graph.has_users(n) for n in op.outputs[1:] if n):
+        return None  # a second output (pool indices, BN statistics, a mask) would change too
     if kind in UNARY or kind in ("Clip", "Dropout") and all(
             graph.const_value(n) is not None for n in op.inputs[1:] if n):
         return [], [op.outputs[0]]
