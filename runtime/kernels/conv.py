@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from numpy.lib.stride_tricks import as_strided
-
 from graphopt.runtime.kernels.gemm import (
     F32_EXACT, conv_out_spatial, conv_pads, im2col, matmul_exact_f32, pad_spatial, scratch,
+    strided_view,
 )
 
 #: im2col matrices above this many bytes are built and multiplied in tiles of output rows.
@@ -320,9 +319,8 @@ class FlatLayout:
         kh, kw = self.kernel
         dh, dw = self.dilations
         last = self.taps[-1][1]
-        return as_strided(base, shape=(base.shape[0], kh, kw, base.shape[1] - last),
-                          strides=(base.strides[0], dh * self.wq * item, dw * item, item),
-                          writeable=False)
+        return strided_view(base, (base.shape[0], kh, kw, base.shape[1] - last),
+                            (base.strides[0], dh * self.wq * item, dw * item, item))
 
     def gather(self, cols: np.ndarray, c0: int, c1: int, q0: int, span: int,
                windows: np.ndarray | None) -> None:
