@@ -1,5 +1,6 @@
 """One test per failure the differential fuzzer found (tests/fuzz, benchmarks/fuzz.py), each the
-shrunk reproducer written out by hand.
+shrunk reproducer written out by hand. (Seed numbers name the generator as it was when the bug
+was found; the generator has grown motifs since, which changes the graph of every seed.)
 
 A bug that is not fixed yet is `xfail(strict=True)` with the owning file in its reason: CI stays
 green, and the test turns into an unexpected pass (a failure, by strictness) the moment the fix

@@ -622,6 +622,44 @@ def _attention(g: GraphGen) -> bool:
     return True
 
 
+@motif("multihead_attention", 0.8)
+def _multihead_attention(g: GraphGen) -> bool:
+    """Multi-head attention as exporters write it: per projection MatMul (+ bias) -> Reshape
+    [B, S, H, Dh] -> Transpose to heads first ([0,2,1,3]; K sometimes straight to [0,2,3,1]),
+    scores, Softmax, weighted sum, Transpose back and Reshape to [B, S, D]."""
+    x = g.pick(lambda t: t.rank == 3 and t.shape[-1] >= 2 and t.shape[1] <= 16)
+    if x is None:
+        return False
+    b, seq, d = x.shape
+    heads = int(g.choice([h for h in divisors(d) if h < d] or [1]))
+    dh = d // heads
+    split_shape = [0 if g.rng.random() < 0.3 else b, seq if g.rng.random() < 0.7 else -1,
+                   heads, dh]
+
+    def project(hint: str, perm: list[int]) -> Tensor:
+        y = g.one("MatMul", [x.name, g.weight((d, d), d, hint)], (b, seq, d))
+        if g.rng.random() < 0.7:
+            bias = g.const((g.rng.standard_normal(d) * 0.1).astype(np.float32), hint + "_b")
+            y = g.one("Add", [y.name, bias], (b, seq, d))
+        y = g.reshape(y, split_shape, (b, seq, heads, dh))
+        return g.transpose(y, perm)
+
+    q = project("wq", [0, 2, 1, 3])
+    if g.rng.random() < 0.5:
+        kt = project("wk", [0, 2, 3, 1])
+    else:
+        kt = g.transpose(project("wk", [0, 2, 1, 3]), [0, 1, 3, 2])
+    v = project("wv", [0, 2, 1, 3])
+    scores = g.one("MatMul", [q.name, kt.name], (b, heads, seq, seq))
+    scores = g.one("Div", [scores.name, g.const(np.array(math.sqrt(dh), np.float32), "sqrt_dh")],
+                   scores.shape)
+    probs = g.one("Softmax", [scores.name], scores.shape, axis=3)  # the last axis: any opset
+    ctx = g.one("MatMul", [probs.name, v.name], (b, heads, seq, dh))
+    ctx = g.transpose(ctx, [0, 2, 1, 3])
+    g.reshape(ctx, [b, seq, d] if g.rng.random() < 0.5 else [0, 0, -1], (b, seq, d))
+    return True
+
+
 @motif("transpose", 1.0)
 def _transpose(g: GraphGen) -> bool:
     x = g.pick(lambda t: t.rank >= 2)
@@ -1251,7 +1289,34 @@ def generate(seed: int, *, max_motifs: int = 10) -> FuzzCase:
             g.motifs.append(name)
         else:  # a motif that gives up mid-way leaves nothing behind
             del g.nodes[mark[0]:], g.initializers[mark[1]:], g.pool[mark[2]:]
-    return FuzzCase(seed, _assemble(g, rng), g.feeds, g.motifs)
+    model = _assemble(g, rng)
+    # A separate stream, so that the graphs of all seeds stay what they were before this option.
+    side = np.random.default_rng([seed, 1])
+    if side.random() < SYMBOLIC_FRACTION:
+        _declare_symbolic(model, side)
+    return FuzzCase(seed, model, g.feeds, g.motifs)
+
+
+#: Share of cases whose inputs declare symbolic dims (the feeds keep the generated sizes).
+SYMBOLIC_FRACTION = 0.25
+
+
+def _declare_symbolic(model: onnx.ModelProto, rng: np.random.Generator) -> None:
+    """Declare some input dims symbolic and the output dims unknown, so passes cannot lean on
+    declared static shapes. Equal symbols always stand for equal sizes (`n<size>`), which is
+    all a pass may assume about them."""
+    initializers = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if i == 0 or rng.random() < 0.3:
+                size = dim.dim_value
+                dim.Clear()
+                dim.dim_param = f"n{size}"
+    for vi in model.graph.output:
+        for dim in vi.type.tensor_type.shape.dim:
+            dim.Clear()  # rank only
 
 
 def _assemble(g: GraphGen, rng: np.random.Generator) -> onnx.ModelProto:

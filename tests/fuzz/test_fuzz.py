@@ -24,7 +24,7 @@ from fuzz.generator import generate
 from graphopt.pass_manager import PassManager
 from graphopt.pipeline import build_pipeline
 
-CI_CASES = 300
+CI_CASES = 400
 OPTIMIZER_STAGES = ("O1", "O2", "O3")
 RUNTIME_STAGES = ("runtime", "runtime-O2")
 
