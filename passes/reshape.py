@@ -27,8 +27,8 @@ import numpy as np
 from graphopt.ir import Graph, Op, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.cleanup import add_simple_op, bypass, is_pure, substitute
-from graphopt.passes.transpose import UNARY, invert, is_identity, is_transpose, new_const, \
-    normalize_axis, perm_of, remove_if_unused
+from graphopt.passes.transpose import UNARY, Perm, invert, is_identity, is_transpose, \
+    new_const, normalize_axis, perm_of, remove_if_unused
 
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 DimExpr = int | tuple[str, int] | None
@@ -366,15 +366,19 @@ class HeadSplitAbsorption(Pass):
     """MatMul(X, W) (+ bias) -> Reshape [..., S, H, D] -> Transpose to heads-first becomes
     MatMul(Unsqueeze(X), W') (+ bias') with W' = W arranged as [H, K, D]: the projection writes
     the heads-first layout directly, so the transpose copy and the reshape disappear (a transpose
-    of what remains, e.g. K's [.., D, S], stays as one transpose of the result)."""
+    of what remains, e.g. K's [.., D, S], stays as one transpose of the result).
+
+    The fused form (Reshape [..., S, G, H, D], e.g. G = 3 for q, k, v, then a transpose and a
+    pick of each group by Split + Squeeze, Slice + Squeeze or Gather) becomes one such
+    projection per group."""
 
     name = "head_split"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         for op in list(graph.ops.values()):
-            if op.graph is graph and is_transpose(op) and _absorb_head_split(graph, op):
-                result.count("head_splits_absorbed")
+            if op.graph is graph and is_transpose(op):
+                result.count("head_splits_absorbed", _absorb_head_split(graph, op))
         return result
 
 
@@ -382,11 +386,12 @@ def _only_reader(graph: Graph, name: str, reader: Op) -> bool:
     return not graph.is_output(name) and all(c is reader for c, _ in graph.consumers(name))
 
 
-def _absorb_head_split(graph: Graph, transpose: Op) -> bool:
+def _absorb_head_split(graph: Graph, transpose: Op) -> int:
+    """Rewrite one projection -> reshape -> transpose chain; returns the projections made."""
     reshape = graph.producer_op(transpose.inputs[0])
     if reshape is None or reshape.op_type != "Reshape" or reshape.domain not in ("", "ai.onnx") \
             or not _only_reader(graph, reshape.outputs[0], transpose):
-        return False
+        return 0
     y = graph.values[reshape.inputs[0]]
     add, bias = None, None
     producer = graph.producer_op(y.name)
@@ -394,64 +399,148 @@ def _absorb_head_split(graph: Graph, transpose: Op) -> bool:
         consts = graph.const_inputs(producer)
         slot = 1 if consts[1] is not None else 0 if consts[0] is not None else None
         if slot is None:
-            return False
+            return 0
         add, bias = producer, consts[slot]
         y = graph.values[producer.inputs[1 - slot]]
         producer = graph.producer_op(y.name)
         if not _only_reader(graph, y.name, add):
-            return False
+            return 0
     elif not _only_reader(graph, y.name, reshape):
-        return False
+        return 0
     if producer is None or producer.op_type != "MatMul" or producer.domain not in ("", "ai.onnx"):
-        return False
+        return 0
     matmul = producer
     weight = graph.const_value(matmul.inputs[1])
     x = graph.values[matmul.inputs[0]]
     if weight is None or weight.ndim != 2 or x.rank is None or x.rank < 2 or y.rank != x.rank:
-        return False
+        return 0
     rank = x.rank
-    k, n = weight.shape
+    n = weight.shape[1]
     dims = source_dims(y)
-    if dims is None:
-        return False
-    split = view_dims(graph, reshape, list(dims))
-    if split is None or len(split) != rank + 1 or split[:rank - 1] != dims[:rank - 1]:
-        return False
-    heads, depth = split[rank - 1], split[rank]
-    if not isinstance(heads, int) or not isinstance(depth, int) or heads * depth != n:
-        return False
+    split = None if dims is None else view_dims(graph, reshape, list(dims))
+    if split is None or len(split) not in (rank + 1, rank + 2) or split[:rank - 1] != dims[:rank - 1]:
+        return 0
+    tail = split[rank - 1:]
+    if not all(isinstance(d, int) for d in tail) or int(np.prod(tail)) != n:
+        return 0
     if bias is not None and (bias.size not in (1, n) or bias.ndim > rank
                              or bias.size == n and bias.shape[-1] != n):
-        return False
+        return 0
     perm = perm_of(graph, transpose)
-    if perm is None or len(perm) != rank + 1:
-        return False
-    heads_first = list(range(rank - 2)) + [rank - 1, rank - 2, rank]
-    rest = [invert(heads_first)[p] for p in perm]
-    # rewrite
+    if perm is None or len(perm) != len(split):
+        return 0
+    if len(split) == rank + 1:
+        targets = [(transpose.outputs[0], perm, slice(0, n))]
+        pickers: list[Op] = []
+    else:
+        found = _group_pickers(graph, transpose, perm, rank, tail[0])
+        if found is None:
+            return 0
+        targets, pickers = found
+    heads, depth = tail[-2], tail[-1]
+    for dead in [*pickers, transpose, reshape, add]:
+        if dead is not None and dead.graph is graph:
+            graph.remove_op(dead, prune=True)
+    for out, group_perm, columns in targets:
+        b = None if bias is None else bias if bias.size == 1 else bias.reshape(-1)[columns]
+        value = _heads_first_projection(graph, x, weight[:, columns], b, heads, depth,
+                                        f"{matmul.outputs[0]}_heads")
+        rest = [invert(list(range(rank - 2)) + [rank - 1, rank - 2, rank])[p] for p in group_perm]
+        if is_identity(rest):
+            substitute(graph, graph.values[out], value)
+        else:
+            graph.add_op("Transpose", [value], [out], {"perm": rest})
+    graph.remove_op(matmul, prune=True)
+    return len(targets)
+
+
+def _group_pickers(graph: Graph, transpose: Op, perm: Perm, rank: int, groups: int):
+    """For a fused projection ([..., S, G, H, D] transposed): per group, (value that holds the
+    group, its permutation of [..., S, H, D], column range of the weight), and the ops that pick
+    the groups; None unless every reader picks one group (Split + Squeeze, Slice + Squeeze,
+    Gather with a scalar index)."""
+    group_axis = perm.index(rank - 1)
+    group_perm = [a - (a > rank - 1) for a in perm if a != rank - 1]
+    width = graph.values[transpose.inputs[0]].shape
+    per_group = None if width is None else int(np.prod(width[rank:]))
+    if per_group is None or graph.is_output(transpose.outputs[0]):
+        return None
+    targets, pickers = [], []
+    for op in graph.consumer_ops(transpose.outputs[0]):
+        picked = _picked_groups(graph, op, group_axis, groups)
+        if picked is None:
+            return None
+        for index, out, ops in picked:
+            targets.append((out, group_perm, slice(index * per_group, (index + 1) * per_group)))
+            pickers.extend(ops)
+    return (targets, pickers) if targets else None
+
+
+def _picked_groups(graph: Graph, op: Op, axis: int, groups: int):
+    """[(group index, value holding it without the group axis, ops to remove)] or None."""
+    def squeezed(name: str) -> Op | None:
+        readers = graph.consumer_ops(name)
+        if len(readers) != 1 or graph.is_output(name) or readers[0].op_type != "Squeeze":
+            return None
+        axes = _axes_of(graph, readers[0])
+        rank = graph.values[name].rank
+        if rank is None or axes is None or [normalize_axis(a, rank) for a in axes] != [axis]:
+            return None
+        return readers[0]
+
+    if op.domain not in ("", "ai.onnx"):
+        return None
+    if op.op_type == "Gather":
+        index = graph.const_value(op.inputs[1])
+        rank = graph.values[op.inputs[0]].rank
+        if index is None or index.ndim != 0 or rank is None \
+                or normalize_axis(int(op.attrs.get("axis", 0)), rank) != axis:
+            return None
+        return [(int(index) % groups, op.outputs[0], [op])]
+    if op.op_type == "Split":
+        from graphopt.passes.concat_split import split_pieces
+        pieces = split_pieces(graph, op)
+        if pieces is None or pieces[0].axis != axis or len(pieces) != groups:
+            return None
+        picked = []
+        for i, name in enumerate(op.outputs):
+            if not name or not graph.has_users(name):
+                continue
+            squeeze = squeezed(name)
+            if squeeze is None:
+                return None
+            picked.append((i, squeeze.outputs[0], [squeeze, op]))  # the Split goes with them
+        return picked
+    if op.op_type == "Slice":
+        from graphopt.passes.concat_split import slice_piece
+        piece = slice_piece(graph, op)
+        if piece is None or piece.axis != axis or (piece.stop or groups) != piece.start + 1:
+            return None
+        squeeze = squeezed(op.outputs[0])
+        if squeeze is None:
+            return None
+        return [(piece.start, squeeze.outputs[0], [squeeze, op])]
+    return None
+
+
+def _heads_first_projection(graph: Graph, x: Value, weight: np.ndarray, bias: np.ndarray | None,
+                            heads: int, depth: int, hint: str) -> Value:
+    """MatMul(Unsqueeze(x, -2), weight as [H, K, D]) (+ bias as [H, 1, D]): [..., H, S, D]."""
+    rank = x.rank
     seq_axis = rank - 2
-    x_shape = x.shape
-    unsq_shape = x_shape[:seq_axis] + (1,) + x_shape[seq_axis:]
+    k = weight.shape[0]
+    unsq_shape = x.shape[:seq_axis] + (1,) + x.shape[seq_axis:]
     op_type, params, attrs = _axes_op(graph, "Unsqueeze", [seq_axis], x.name)
     unsqueezed = add_simple_op(graph, op_type, [x.name, *params], x.dtype, unsq_shape, attrs,
                                f"{x.name}_heads")
-    w = new_const(graph, weight.reshape(k, heads, depth).transpose(1, 0, 2), f"{matmul.inputs[1]}_heads")
-    out_shape = x_shape[:seq_axis] + (heads, x_shape[seq_axis], depth)
-    value = add_simple_op(graph, "MatMul", [unsqueezed, w], y.dtype, out_shape,
-                          hint=f"{matmul.outputs[0]}_heads")
+    w = new_const(graph, weight.reshape(k, heads, depth).transpose(1, 0, 2), f"{hint}_w")
+    out_shape = x.shape[:seq_axis] + (heads, x.shape[seq_axis], depth)
+    value = add_simple_op(graph, "MatMul", [unsqueezed, w], x.dtype, out_shape, hint=hint)
     if bias is not None:
         b = bias if bias.size == 1 else bias.reshape(heads, 1, depth)
-        value = add_simple_op(graph, "Add", [value, new_const(graph, b, f"{add.name}_heads")],
-                              y.dtype, out_shape, hint=f"{add.outputs[0]}_heads")
-    out = transpose.outputs[0]
-    for dead in (transpose, reshape, add, matmul):
-        if dead is not None:
-            graph.remove_op(dead, prune=True)
-    if is_identity(rest):
-        substitute(graph, graph.values[out], value)
-    else:
-        graph.add_op("Transpose", [value], [out], {"perm": rest})
-    return True
+        value = add_simple_op(graph, "Add", [value, new_const(graph, b, f"{hint}_b")],
+                              x.dtype, out_shape, hint=f"{hint}_bias")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,3 +163,40 @@ def test_transformer_attention_loses_its_manipulation_ops():
     assert counts == {"Transpose": 2 * layers, "Reshape": layers, "Concat": 0}
     np.testing.assert_allclose(run_ort(graph, feeds)[0], run_ort(model, feeds)[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_fused_qkv_projection_becomes_one_projection_per_group():
+    """ViT/SVTR style: MatMul -> Reshape [B, S, 3, H, D] -> Transpose [2, 0, 3, 1, 4] -> the
+    three groups picked by Split + Squeeze (PP-OCR) or Gather (timm exports)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((12, 36)).astype(np.float32)
+    bias = rng.standard_normal(36).astype(np.float32)
+    picks = {
+        "split": [helper.make_node("Split", ["qkv", "ones"], ["g0", "g1", "g2"], axis=0)] + [
+            helper.make_node("Squeeze", [f"g{i}", "ax0"], [name])
+            for i, name in enumerate(("q", "k", "v"))],
+        "gather": [helper.make_node("Gather", ["qkv", f"i{i}"], [name], axis=0)
+                   for i, name in enumerate(("q", "k", "v"))],
+    }
+    for kind, pick in picks.items():
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["p"]),
+                 helper.make_node("Add", ["p", "b"], ["pb"]),
+                 helper.make_node("Reshape", ["pb", "shape"], ["r"]),
+                 helper.make_node("Transpose", ["r"], ["qkv"], perm=[2, 0, 3, 1, 4]),
+                 *pick,
+                 helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+                 helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+                 helper.make_node("MatMul", ["scores", "v"], ["y"])]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 12])
+        model = make_model(nodes, [x], [("y", ["batch", 2, "seq", 6])],
+                           [("w", w), ("b", bias), ("shape", _ints(0, 0, 3, 2, 6)),
+                            ("ones", _ints(1, 1, 1)), ("ax0", _ints(0)),
+                            ("i0", np.array(0, np.int64)), ("i1", np.array(1, np.int64)),
+                            ("i2", np.array(2, np.int64))])
+        feeds = {"x": rng.standard_normal((2, 5, 12)).astype(np.float32)}
+        graph, report = optimize_and_compare(model, "O2", feeds=feeds, rtol=1e-4, atol=1e-4,
+                                             disable=NO_FUSION)
+        kinds = op_types(graph)
+        assert {"Reshape", "Split", "Squeeze", "Gather"}.isdisjoint(kinds), kind
+        assert kinds.count("Transpose") == 1 and kinds.count("MatMul") == 5, kind
+        assert _stats(report, "head_split")["head_splits_absorbed"] == 3
