@@ -5,13 +5,12 @@ constant), and each call picks the cheapest exact formulation for the input's sh
 
 - pointwise (1x1, no padding): a plain GEMM (C_out, C_in) @ (C_in, H*W) on the input itself,
   no im2col; strides subsample the input first;
-- depthwise (one input channel per group): a sum over the kernel taps of shifted input rows
-  times per-channel weights, on a "flat" layout: the padded input of each channel is one
-  contiguous row, so a tap is a contiguous slice at an offset and every multiply-add runs over
-  long contiguous runs; strides become stride 1 by splitting the input into stride phases
-  (polyphase); the work is blocked so the accumulator stays in cache;
+- depthwise (one input channel per group, 2-D): per cache-sized block of channels x output
+  rows, an im2col of the block and one batched GEMV (taps -> pixels per channel), on the
+  "flat" layout (`FlatLayout`: each channel's padded plane one contiguous row, so every tap
+  is a contiguous slice; strides handled by splitting the input into its stride phases);
 - stride-1 2-D convs with few output channels on wide maps: one GEMM per kernel tap on the
-  flat padded input read in place (shifted GEMM), accumulated; no im2col;
+  flat layout read in place (shifted GEMM), accumulated; no im2col;
 - everything else: im2col (one strided copy per call, `gemm.im2col`) and one BLAS GEMM per
   (batch, group) via np.matmul's batching, tiled over output rows when the column matrix would
   not fit in cache.
@@ -31,8 +30,7 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.runtime.kernels.gemm import (
-    F32_EXACT, conv_out_spatial, conv_pads, im2col, matmul_exact_f32, pad_spatial, scratch,
-    strided_view,
+    conv_out_spatial, conv_pads, im2col, matmul_exact_f32, pad_spatial, scratch, strided_view,
 )
 
 #: im2col matrices above this many bytes are built and multiplied in tiles of output rows.
@@ -137,7 +135,8 @@ class ConvWeights:
         w = np.ascontiguousarray(w, dtype=dtype)
         c_out = w.shape[0]
         if c_out % groups:
-            raise GraphoptError(f"Conv: {c_out} output channels are not divisible by group={groups}")
+            raise GraphoptError(f"Conv: {c_out} output channels are not divisible by "
+                                f"group={groups}")
         return cls(w, w.reshape(groups, c_out // groups, -1), groups)
 
     @property
@@ -183,41 +182,6 @@ def _use_shifted_gemm(weights: ConvWeights, geom: ConvGeometry) -> bool:
             and weights.out_channels <= SHIFTED_GEMM_MAX_COUT and geom.out_spatial[1] >= 16)
 
 
-def _shifted_gemm_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
-    """Stride-1 conv as a sum over kernel taps of W_tap (C_out x C_in) @ X shifted.
-
-    On the flat layout (`FlatLayout`: each channel's padded image one contiguous row), the
-    input seen by tap (i, j) is a contiguous slice of every row: a strided matrix that BLAS
-    reads in place, so there is no im2col at all. Tiles of output rows keep the accumulator
-    in cache.
-    """
-    n, c = geom.batch, geom.in_channels
-    oh, ow = geom.out_spatial
-    c_out = weights.out_channels
-    dtype = out.dtype
-    flat = FlatLayout.build(x, geom, dtype)
-    wq = flat.wq
-    planes = flat.phases[0].reshape(n, c, -1)
-    per_tap = weights.per_tap
-    rows = max(1, min(oh, SHIFTED_GEMM_TILE // (c_out * wq)))
-    acc_buf = scratch("shifted_gemm.acc", c_out * rows * wq, dtype)
-    tmp_buf = scratch("shifted_gemm.tmp", c_out * rows * wq, dtype)
-    for b in range(n):
-        src = planes[b]
-        for r0 in range(0, oh, rows):
-            r1 = min(oh, r0 + rows)
-            span = (r1 - r0) * wq
-            q0 = r0 * wq
-            acc = acc_buf[:c_out * span].reshape(c_out, span)
-            tmp = tmp_buf[:c_out * span].reshape(c_out, span)
-            for t, (_, off) in enumerate(flat.taps):
-                target = acc if t == 0 else tmp
-                np.matmul(per_tap[t], src[:, q0 + off:q0 + off + span], out=target)
-                if t:
-                    acc += tmp
-            out[b, :, r0:r1] = acc.reshape(c_out, r1 - r0, wq)[:, :, :ow]
-
-
 def _pointwise(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: np.ndarray) -> None:
     if any(s != 1 for s in geom.strides):
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geom.strides)]
@@ -239,7 +203,8 @@ def _im2col_gemm(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out: n
     row_pixels = pixels // geom.out_spatial[0]
     col_bytes = k * groups * pixels * xp.itemsize
     if col_bytes * n <= IM2COL_TILE_BYTES or geom.out_spatial[0] == 1:
-        cols = scratch("im2col.cols", n * groups * k * pixels, xp.dtype).reshape(n, groups, k, pixels)
+        cols = scratch("im2col.cols", n * groups * k * pixels, xp.dtype)
+        cols = cols.reshape(n, groups, k, pixels)
         im2col(xp, geom.kernel, geom.strides, geom.dilations, geom.out_spatial, groups, out=cols)
         mm(weights.mat, cols, out.reshape(n, groups, -1, pixels))
         return
@@ -293,7 +258,8 @@ class FlatLayout:
         slack = wq * ((kh - 1) * dh // sh + 1) + (kw - 1) * dw // sw + 1
         rows = n * c
         plane = hq * wq + slack
-        phases = scratch("flat.phases", sh * sw * rows * plane, dtype).reshape(sh * sw, rows, plane)
+        phases = scratch("flat.phases", sh * sw * rows * plane, dtype)
+        phases = phases.reshape(sh * sw, rows, plane)
         phases.fill(0)
         xr = x.reshape(rows, h, w)
         for a in range(sh):
@@ -331,6 +297,41 @@ class FlatLayout:
         else:
             for t, (phase, off) in enumerate(self.taps):
                 cols[:, t, :] = self.phases[phase, c0:c1, q0 + off:q0 + off + span]
+
+
+def _shifted_gemm_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
+    """Stride-1 conv as a sum over kernel taps of W_tap (C_out x C_in) @ X shifted.
+
+    On the flat layout (`FlatLayout`: each channel's padded image one contiguous row), the
+    input seen by tap (i, j) is a contiguous slice of every row: a strided matrix that BLAS
+    reads in place, so there is no im2col at all. Tiles of output rows keep the accumulator
+    in cache.
+    """
+    n, c = geom.batch, geom.in_channels
+    oh, ow = geom.out_spatial
+    c_out = weights.out_channels
+    dtype = out.dtype
+    flat = FlatLayout.build(x, geom, dtype)
+    wq = flat.wq
+    planes = flat.phases[0].reshape(n, c, -1)
+    per_tap = weights.per_tap
+    rows = max(1, min(oh, SHIFTED_GEMM_TILE // (c_out * wq)))
+    acc_buf = scratch("shifted_gemm.acc", c_out * rows * wq, dtype)
+    tmp_buf = scratch("shifted_gemm.tmp", c_out * rows * wq, dtype)
+    for b in range(n):
+        src = planes[b]
+        for r0 in range(0, oh, rows):
+            r1 = min(oh, r0 + rows)
+            span = (r1 - r0) * wq
+            q0 = r0 * wq
+            acc = acc_buf[:c_out * span].reshape(c_out, span)
+            tmp = tmp_buf[:c_out * span].reshape(c_out, span)
+            for t, (_, off) in enumerate(flat.taps):
+                target = acc if t == 0 else tmp
+                np.matmul(per_tap[t], src[:, q0 + off:q0 + off + span], out=target)
+                if t:
+                    acc += tmp
+            out[b, :, r0:r1] = acc.reshape(c_out, r1 - r0, wq)[:, :, :ow]
 
 
 def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) -> None:
@@ -375,22 +376,19 @@ def _depthwise_2d(x, weights: ConvWeights, geom: ConvGeometry, out: np.ndarray) 
             out_r[c0:c1, :, r0:r1] = res.reshape(nc, mult, r1 - r0, wq)[..., :ow]
 
 
-def conv_exact_taps(weights_absmax: int, x_absmax: int, kernel: tuple[int, ...]) -> bool:
-    """Whether a float32 sum over kernel taps of integer products is exact."""
-    return math.prod(kernel) * weights_absmax * x_absmax <= F32_EXACT
-
-
 class ConvPlan:
     """Conv prepared once per op: attributes, weights (if constant), geometry per input shape."""
 
     def __init__(self, attrs: ConvAttrs, w_const: np.ndarray | None, dtype=np.float32) -> None:
         self.attrs = attrs
         self.dtype = dtype
-        self.weights = ConvWeights.prepare(w_const, attrs.groups, dtype) if w_const is not None else None
+        self.weights = None if w_const is None else ConvWeights.prepare(w_const, attrs.groups, dtype)
         self._geoms: dict[tuple, ConvGeometry] = {}
 
     def weights_for(self, w: np.ndarray) -> ConvWeights:
-        return self.weights if self.weights is not None else ConvWeights.prepare(w, self.attrs.groups, self.dtype)
+        if self.weights is not None:
+            return self.weights
+        return ConvWeights.prepare(w, self.attrs.groups, self.dtype)
 
     def geometry(self, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> ConvGeometry:
         key = (x_shape, w_shape)

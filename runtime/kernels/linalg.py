@@ -89,7 +89,9 @@ def _gemm(node: KernelNode):
             else:
                 y = np.matmul(a_, b_)
         if c is not None and beta != 0.0:
-            cc = c_ready if c_ready is not None else (c * np.asarray(beta, dtype=c.dtype) if beta != 1.0 else c)
+            cc = c_ready
+            if cc is None:
+                cc = c * np.asarray(beta, dtype=c.dtype) if beta != 1.0 else c
             if cc.shape == y.shape or np.broadcast_shapes(cc.shape, y.shape) == y.shape:
                 y += cc
             else:

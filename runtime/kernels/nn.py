@@ -1,9 +1,11 @@
 """Neural-network kernels: convolutions, pooling, normalizations, softmax, Gelu, resizing.
 
-Conv and ConvTranspose run on the shared engine in conv.py (im2col + BLAS, GEMM-only 1x1,
-tap-sum depthwise). Pooling reduces one spatial axis at a time (a loop over that axis's
-kernel taps, never over pixels) on strided views of a padded input. Resize precomputes, per resized axis, the source indices and weights of
-each output coordinate once per input shape and applies them with np.take.
+Conv runs on the shared engine in conv.py (im2col + BLAS, GEMM-only 1x1, blocked depthwise,
+shifted GEMMs); ConvTranspose is one GEMM plus a strided scatter per kernel tap. Pooling reduces
+one spatial axis at a time (a loop over that axis's kernel taps, never over pixels) on strided
+views of the input. Resize precomputes, per resized axis, the source indices and weights of each
+output coordinate once per input shape and applies them with np.take (integer-factor nearest
+upsampling: strided copies).
 """
 
 from __future__ import annotations
@@ -355,7 +357,8 @@ def _lp_pool(node: KernelNode):
 def _global_average_pool(node: KernelNode):
     def run(x):
         axes = tuple(range(2, x.ndim))
-        return (np.mean(x, axis=axes, keepdims=True, dtype=_compute_dtype(x.dtype)).astype(x.dtype, copy=False),)
+        y = np.mean(x, axis=axes, keepdims=True, dtype=_compute_dtype(x.dtype))
+        return (y.astype(x.dtype, copy=False),)
     return run
 
 

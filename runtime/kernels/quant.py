@@ -19,7 +19,7 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.runtime.kernels.conv import ConvAttrs, ConvPlan, ConvWeights, conv, exact_matmul
 from graphopt.runtime.kernels.gemm import (
-    F32_EXACT, im2col, int_gemm_acc16, int_gemm_exact, matmul_exact_f32, pad_spatial, to_int32,
+    F32_EXACT, im2col, int_gemm_acc16, matmul_exact_f32, pad_spatial, to_int32,
 )
 from graphopt.runtime.kernels.registry import KernelNode, kernel
 
@@ -39,7 +39,8 @@ def _range(dtype: np.dtype) -> tuple[int, int]:
     try:
         return _INT_RANGES[np.dtype(dtype)]
     except KeyError:
-        raise GraphoptError(f"quantized type {np.dtype(dtype)} is not supported by the graphopt runtime") from None
+        raise GraphoptError(f"quantized type {np.dtype(dtype)} is not supported by the "
+                            "graphopt runtime") from None
 
 
 def _param_shape(param: np.ndarray, x_shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
@@ -318,5 +319,3 @@ def _qlinear_conv(node: KernelNode):
         return (_requantize(acc, mult, y_zp, out_dtype),)
     return run
 
-
-__all__ = ["quantize", "matmul_integer", "int_gemm_exact", "int_gemm_acc16"]
