@@ -27,8 +27,9 @@ BINARY = ("Add", "Mul", "Sub")
 class _Builder:
     """Grows a random model one op at a time; every value's static shape is tracked."""
 
-    def __init__(self, draw):
+    def __init__(self, draw, opset: int):
         self.draw = draw
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[tuple[str, np.ndarray]] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -47,6 +48,12 @@ class _Builder:
 
     def ints(self, *values) -> str:
         return self.const(np.array(values, dtype=np.int64), "i")
+
+    def axes_op(self, op_type, x, axes, shapes, key="axes", **attrs) -> list[str]:
+        """An op whose axes (or split sizes) are an input from opset 13 on, else an attribute."""
+        if self.opset >= 13:
+            return self.add(op_type, [x, self.ints(*axes)], shapes, **attrs)
+        return self.add(op_type, [x], shapes, **{key: list(axes)}, **attrs)
 
     def add(self, op_type, inputs, shapes, layout=None, **attrs) -> list[str]:
         outs = [self.fresh(op_type.lower()) for _ in shapes]
@@ -88,7 +95,7 @@ def _step(b: _Builder) -> None:
     kind = draw(st.sampled_from(
         ["transpose", "transpose_back", "reshape", "reshape", "concat", "split", "slice",
          "slice", "unary", "unary", "binary_const", "binary", "unsqueeze", "squeeze", "reduce",
-         "softmax"]))
+         "softmax", "matmul"]))
     if rank == 0 and kind not in ("reshape", "unary", "binary_const", "binary", "unsqueeze"):
         return
     if kind == "transpose" or (kind == "transpose_back" and x not in b.layout):
@@ -130,7 +137,7 @@ def _step(b: _Builder) -> None:
         cut = sorted(draw(st.sets(st.integers(1, shape[axis] - 1), min_size=1, max_size=2)))
         sizes = [e - s for s, e in zip([0, *cut], [*cut, shape[axis]])]
         outs = [tuple(shape[:axis]) + (s,) + tuple(shape[axis + 1:]) for s in sizes]
-        pieces = b.add("Split", [x, b.ints(*sizes)], outs, axis=axis)
+        pieces = b.axes_op("Split", x, sizes, outs, key="split", axis=axis)
         if draw(st.booleans()):  # put them back together, maybe out of order
             order = draw(st.permutations(pieces))
             b.add("Concat", list(order), [shape], axis=axis)
@@ -164,13 +171,13 @@ def _step(b: _Builder) -> None:
         if rank >= 5:
             return
         axis = draw(st.integers(0, rank))
-        b.add("Unsqueeze", [x, b.ints(axis)], [shape[:axis] + (1,) + shape[axis:]])
+        b.axes_op("Unsqueeze", x, [axis], [shape[:axis] + (1,) + shape[axis:]])
     elif kind == "squeeze":
         ones = [k for k in range(rank) if shape[k] == 1]
         if not ones or rank == 1:
             return
         axis = draw(st.sampled_from(ones))
-        b.add("Squeeze", [x, b.ints(axis)], [shape[:axis] + shape[axis + 1:]])
+        b.axes_op("Squeeze", x, [axis], [shape[:axis] + shape[axis + 1:]])
     elif kind == "reduce":
         axes = sorted(draw(st.sets(st.integers(0, rank - 1), min_size=1, max_size=rank)))
         keep = draw(st.booleans())
@@ -179,16 +186,20 @@ def _step(b: _Builder) -> None:
         if not out:
             out = []
         if draw(st.booleans()):
-            b.add("ReduceSum", [x, b.ints(*axes)], [out], keepdims=int(keep))
+            b.axes_op("ReduceSum", x, axes, [out], keepdims=int(keep))
         else:
             b.add("ReduceMax", [x], [out], axes=axes, keepdims=int(keep))
     elif kind == "softmax":
         b.add("Softmax", [x], [shape], axis=draw(st.integers(-rank, rank - 1)))
+    elif kind == "matmul":  # a projection of the last axis by a constant weight
+        width = draw(st.integers(1, 6))
+        weight = np.random.default_rng(b.counter).uniform(-1, 1, (shape[-1], width))
+        b.add("MatMul", [x, b.const(weight.astype(np.float32), "w")], [shape[:-1] + (width,)])
 
 
 @st.composite
 def random_models(draw, min_steps: int = 4, max_steps: int = 12):
-    b = _Builder(draw)
+    b = _Builder(draw, draw(st.sampled_from([11, 13, 17])))
     n_inputs = draw(st.integers(1, 2))
     rank = draw(st.integers(1, 4))
     base = tuple(draw(st.lists(st.integers(1, 4), min_size=rank, max_size=rank)))
@@ -206,7 +217,8 @@ def random_models(draw, min_steps: int = 4, max_steps: int = 12):
         produced = [b.pool[-1]]
     extra = draw(st.lists(st.sampled_from(produced), max_size=2, unique=True))
     outputs = list(dict.fromkeys([produced[-1], *extra]))
-    model = make_model(b.nodes, inputs, [(o, list(b.shapes[o])) for o in outputs], b.inits)
+    model = make_model(b.nodes, inputs, [(o, list(b.shapes[o])) for o in outputs], b.inits,
+                       opset=b.opset)
     rng = np.random.default_rng(len(b.nodes))
     feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in inputs}
     return model, feeds
@@ -229,7 +241,7 @@ def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=250, derandomize=True, deadline=None,
+@settings(max_examples=600, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(random_models())
 def test_o1_and_o2_keep_what_random_manipulation_graphs_compute(case):
@@ -237,9 +249,9 @@ def test_o1_and_o2_keep_what_random_manipulation_graphs_compute(case):
 
 
 @pytest.mark.slow
-@settings(max_examples=3000, derandomize=True, deadline=None,
+@settings(max_examples=5000, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(random_models(max_steps=20))
+@given(random_models(min_steps=8, max_steps=24))
 def test_o1_and_o2_on_many_larger_random_graphs(case):
     _check(*case)
 
