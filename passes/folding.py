@@ -44,7 +44,7 @@ _VALUE_PRESERVING = frozenset({"Identity", "Cast", "Reshape", "Transpose", "Sque
 
 # Per graph: its fingerprint when shape inference last ran on it, so inference is not repeated
 # while the graph has not changed.
-_inferred_unknown: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_inferred_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ConstantFolding(Pass):
@@ -58,7 +58,6 @@ class ConstantFolding(Pass):
         if graph.parent is None:
             _infer_shapes_if_useful(graph)
         import graphopt.runtime.kernels  # noqa: F401  (importing registers every kernel)
-        orphaned: list[Value] = []
         for op in graph.topological_ops():
             if op.graph is not graph or not _foldable(op):
                 continue
@@ -73,12 +72,10 @@ class ConstantFolding(Pass):
                 arrays = _evaluate(graph, op, limit)
             if arrays is None:
                 continue
-            inputs = [graph.values[n] for n in op.inputs if n]
             _replace_with_constants(graph, op, arrays)
-            orphaned.extend(v for v in inputs if v.name in graph.values)
             result.count("constants_materialized" if op.op_type == "Constant" else
                          "shapes_folded" if op.op_type in ("Shape", "Size") else "ops_folded")
-        result.count("constants_removed", _drop_orphaned_constants(graph, orphaned))
+        result.count("constants_removed", _drop_orphaned_constants(graph))
         return result
 
 
@@ -88,16 +85,16 @@ def _foldable(op: Op) -> bool:
 
 
 def _infer_shapes_if_useful(graph: Graph) -> None:
-    """Run shape inference when some value read by an op has no known shape, unless it already
-    ran with exactly these values unknown (it could not learn more)."""
+    """Run shape inference when some value has no known shape, unless the graph has not changed
+    since it last ran (it could not learn more)."""
     from graphopt.shapes import infer_shapes
 
     unknown = any(not v.is_const and (v.shape is None or not v.dtype)
                   for v in graph.values.values())
-    if not unknown or _inferred_unknown.get(graph) == _fingerprint(graph):
+    if not unknown or _inferred_at.get(graph) == _fingerprint(graph):
         return
     infer_shapes(graph)
-    _inferred_unknown[graph] = _fingerprint(graph)
+    _inferred_at[graph] = _fingerprint(graph)
 
 
 def _fingerprint(graph: Graph) -> tuple[int, int, int]:
@@ -257,20 +254,20 @@ def _replace_with_constants(graph: Graph, op: Op, arrays: list[np.ndarray]) -> N
             graph.values[name].const = array
 
 
-def _drop_orphaned_constants(graph: Graph, candidates: list[Value]) -> int:
-    """Before IR 4 initializers are listed as graph inputs, so `remove_op` keeps them; drop the
-    ones folding left without readers (the listing means nothing there)."""
+def _drop_orphaned_constants(graph: Graph) -> int:
+    """Before IR 4 initializers are listed as graph inputs, so `remove_op` and dead-code
+    elimination keep them; drop the ones nothing reads any longer (the listing means nothing
+    there: onnxruntime does not even accept a feed for them)."""
     info = graph.root.model
     if graph.parent is not None or info is None or info.ir_version >= 4:
         return 0
-    removed = 0
-    for value in {v.name: v for v in candidates}.values():
-        if value.name in graph.values and value.is_const and graph.is_input(value) \
-                and not graph.nx.degree(value) and not graph.is_output(value):
-            graph.inputs.remove(value.name)
-            graph.remove_value(value)
-            removed += 1
-    return removed
+    unused = [name for name in graph.inputs
+              if graph.values[name].is_const and not graph.nx.degree(graph.values[name])
+              and not graph.is_output(name)]
+    for name in unused:
+        graph.inputs.remove(name)
+        graph.remove_value(graph.values[name])
+    return len(unused)
 
 
 #: The family's passes, in the order the pipelines run them.
