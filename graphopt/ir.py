@@ -644,6 +644,19 @@ class Graph:
             counts[op.op_type] = counts.get(op.op_type, 0) + 1
         return dict(sorted(counts.items()))
 
+    def adopt(self, other: Graph) -> None:
+        """Take over the whole content of `other` (a root graph), e.g. after a conversion that
+        had to go through a ModelProto; callers keep holding this object."""
+        if self.parent is not None or other.parent is not None:
+            raise IRError("adopt works on root graphs only")
+        self.__dict__.update(other.__dict__)
+        for value in self.values.values():
+            value.graph = self
+        for op in self.ops.values():
+            op.graph = self
+            for sub in op.subgraphs():
+                sub.parent = self
+
     # -- invariants --------------------------------------------------------------------------
     def check(self) -> None:
         """Verify the IR invariants (see the module docstring); raise IRError on the first

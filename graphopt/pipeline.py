@@ -35,11 +35,13 @@ def o1_pipeline() -> list[PipelineItem]:
 
 
 def o2_pipeline() -> list[PipelineItem]:
-    """Cleanup, then tensor-manipulation elimination to a fixpoint, then fusion."""
-    from graphopt.passes import concat_split, fusion, reshape, transpose
+    """Cleanup, an opset upgrade where a newer opset has a standard op for a pattern in the
+    model, tensor-manipulation elimination to a fixpoint, then fusion."""
+    from graphopt.passes import concat_split, fusion, opset, reshape, transpose
     manipulation = [cls() for family in (transpose, concat_split, reshape) for cls in family.PASSES]
     return [
         Fixpoint("cleanup", _folding_passes() + _cleanup_passes()),
+        *[cls() for cls in opset.PASSES],
         Fixpoint("manipulation", _folding_passes() + manipulation + _cleanup_passes(),
                  max_iterations=16),
         Fixpoint("fusion", [cls() for cls in fusion.PASSES] + _cleanup_passes()),

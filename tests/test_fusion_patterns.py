@@ -41,13 +41,33 @@ def test_paddle_hardswish_becomes_hardswish_at_opset_14():
 
 
 def test_hardswish_below_opset_14_becomes_x_times_hardsigmoid():
+    """With the opset upgrade disabled, the model keeps its opset and gets the two-op form."""
+    for opset in (10, 12):
+        model = make_model(paddle_hardswish("x", "y", opset), [("x", [4, 6])], [("y", [4, 6])],
+                           HS_CONSTS, opset=opset)
+        feeds = {"x": np.linspace(-5, 5, 24, dtype=np.float32).reshape(4, 6)}
+        graph, stats = fuse(model, feeds, disable=["upgrade_opset"])
+        assert op_types(graph) == ["HardSigmoid", "Mul"] and graph.opset() == opset
+        assert stats["hardswish_to_hardsigmoid_mul"] == 1
+
+
+def test_hardswish_below_opset_14_upgrades_the_opset_at_o2():
     for opset in (10, 12):
         model = make_model(paddle_hardswish("x", "y", opset), [("x", [4, 6])], [("y", [4, 6])],
                            HS_CONSTS, opset=opset)
         feeds = {"x": np.linspace(-5, 5, 24, dtype=np.float32).reshape(4, 6)}
         graph, stats = fuse(model, feeds)
-        assert op_types(graph) == ["HardSigmoid", "Mul"]
-        assert stats["hardswish_to_hardsigmoid_mul"] == 1
+        assert op_types(graph) == ["HardSwish"] and graph.opset() == 14
+        assert stats == {**stats, f"opset_{opset}_to_14": 1, "hardswish_fused": 1}
+
+
+def test_opset_upgrade_keeps_softmax_meaning():
+    """Softmax changed meaning at opset 13 (no longer flattens): the converter must keep it."""
+    nodes = paddle_hardswish("x", "h", 12) + [helper.make_node("Softmax", ["h"], ["y"], axis=1)]
+    model = make_model(nodes, [("x", [2, 3, 4])], [("y", [2, 3, 4])], HS_CONSTS, opset=12)
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32)}
+    graph, stats = fuse(model, feeds)
+    assert graph.opset() == 14 and "HardSwish" in op_types(graph)
 
 
 def test_hardswish_associations_and_hardsigmoid_form():
@@ -126,8 +146,15 @@ def test_gelu_erf_and_tanh_forms_become_gelu_at_opset_20():
 def test_gelu_below_opset_20_is_left_decomposed():
     model = make_model(gelu_erf_nodes("a", "ya"), [("a", [2, 7])], [("ya", [2, 7])], GELU_CONSTS,
                        opset=17)
-    graph, stats = fuse(model)
+    graph, stats = fuse(model, disable=["upgrade_opset"])
     assert "Erf" in op_types(graph) and "gelu_fused" not in stats
+
+
+def test_gelu_below_opset_20_upgrades_the_opset_at_o2():
+    model = make_model(gelu_erf_nodes("a", "ya"), [("a", [2, 7])], [("ya", [2, 7])], GELU_CONSTS,
+                       opset=17)
+    graph, stats = fuse(model)
+    assert op_types(graph) == ["Gelu"] and graph.opset() == 20 and stats["gelu_fused"] == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""Raise the default-domain opset when a newer one has a standard op for a pattern in the model.
+
+PP-OCR models (opset 11/12) spell HardSwish as Add/Clip/Div/Mul; HardSwish exists from opset 14,
+Gelu from 20. Converting the model with onnx's version converter (which rewrites the ops whose
+meaning changed between the versions, e.g. Softmax at 13, Squeeze's axes input) lets the fusion
+passes put in the standard op, which every runtime then runs as one kernel. The pass only raises
+the opset when such a pattern is present, never above what the installed onnx supports, and
+leaves models with custom domains, functions or over-2 GB weights alone. Disable it by name
+(`upgrade_opset`) to keep a model's opset.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx.version_converter
+
+from graphopt.ir import Graph
+from graphopt.onnx_io import EXTERNAL_DATA_THRESHOLD, load, to_model, weight_bytes
+from graphopt.pass_manager import Pass, PassContext, PassResult
+from graphopt.passes.fusion_patterns import (match_gelu_erf, match_gelu_tanh, match_hardsigmoid_times_x,
+                                             match_hardswish)
+
+#: (opset that has the standard op, matchers of its decomposed forms)
+_PATTERNS = (
+    (14, (match_hardswish, match_hardsigmoid_times_x)),
+    (20, (match_gelu_erf, match_gelu_tanh)),
+)
+
+
+def wanted_opset(graph: Graph) -> int:
+    """The lowest opset that has a standard op for every pattern found (0 if none is found)."""
+    wanted = 0
+    for version, matchers in _PATTERNS:
+        if version <= graph.opset() or version <= wanted:
+            continue
+        if any(m(graph, op) is not None for op in graph.ops.values() for m in matchers):
+            wanted = version
+    return wanted
+
+
+class UpgradeOpset(Pass):
+    """Convert the model to the opset that has the standard op for its decomposed patterns."""
+
+    name = "upgrade_opset"
+    recurse_subgraphs = False
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        info = graph.model
+        if info is None or graph.parent is not None:
+            return result
+        target = min(wanted_opset(graph), onnx.defs.onnx_opset_version())
+        current = graph.opset()
+        if target <= current or current < 7:
+            return result
+        if set(info.opset_imports) - {"", "ai.onnx", "ai.onnx.ml"} or \
+                (info.template is not None and len(info.template.functions)) or \
+                weight_bytes(graph) > EXTERNAL_DATA_THRESHOLD:
+            return result
+        try:
+            converted = onnx.version_converter.convert_version(to_model(graph), target)
+            onnx.checker.check_model(converted)
+        except Exception:  # the converter lacks an adapter for some op: keep the model as is
+            return result
+        graph.adopt(load(converted))
+        result.count(f"opset_{current}_to_{target}")
+        return result
+
+
+PASSES: list[type[Pass]] = [UpgradeOpset]
