@@ -118,7 +118,7 @@ def _write_reproducer(out: Path, seed: int, failure: Failure, model: onnx.ModelP
     def still_fails(m: onnx.ModelProto, f: dict[str, np.ndarray]) -> bool:
         return any(x.key == failure.key for x in check_case(m, f, stage_set).failures)
 
-    small, small_feeds = shrink(model, feeds, still_fails)
+    small, small_feeds = shrink(model, feeds, still_fails, exact=failure.kind == "mismatch")
     again = [x for x in check_case(small, small_feeds, stage_set).failures if x.key == failure.key]
     stem = f"{failure.key.replace(':', '_')}__seed{seed}"
     onnx.save_model(small, out / f"{stem}.onnx")
