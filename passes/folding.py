@@ -156,13 +156,23 @@ def _evaluate(graph: Graph, op: Op, limit: int) -> list[np.ndarray] | None:
     for name, out in zip(op.outputs, outputs):
         if not isinstance(out, (np.ndarray, np.generic)):
             return None  # a sequence or map: not an initializer
-        array = np.array(out, copy=True, order="C")  # own the data; never a view of an input
+        array = _owned(out, consts)
         if name and not _matches_declaration(graph.values[name], array):
             return None
         arrays.append(array)
     if len(arrays) != len(op.outputs) or any(a.dtype == object for a in arrays):
         return None
     return arrays
+
+
+def _owned(out: np.ndarray | np.generic, consts: list[np.ndarray | None]) -> np.ndarray:
+    """The result as an array of its own: a fresh kernel result as is (copying a 400 MB weight
+    costs seconds), a view of an input (or of anything else) copied."""
+    if isinstance(out, np.ndarray) and out.flags.owndata and out.flags.c_contiguous \
+            and out.flags.writeable \
+            and not any(c is not None and np.may_share_memory(out, c) for c in consts):
+        return out
+    return np.array(out, copy=True, order="C")
 
 
 def _is_constant(graph: Graph, value: Value) -> bool:

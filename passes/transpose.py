@@ -133,18 +133,17 @@ def simplify_transpose(graph: Graph, op: Op, result: PassResult) -> Op | None:
             perm = compose(inner, perm)
             graph.set_input(op, 0, producer.inputs[0])
             op.attrs["perm"] = perm
-            remove_if_unused(graph, producer)
-            if is_identity(perm):
-                if bypass(graph, op):
-                    result.count("transposes_cancelled", 2)
-                    return None
+            producer_gone = remove_if_unused(graph, producer)
+            if is_identity(perm) and bypass(graph, op):
+                result.count("transposes_cancelled", 1 + producer_gone)
+                return None
             result.count("transposes_merged")
     if is_identity(perm):
         if bypass(graph, op):
             result.count("identity_transposes_removed")
             return None
         return op
-    target = _reshape_target_for(graph.values[op.inputs[0]], perm)
+    target = _reshape_target_for(graph.values[op.inputs[0]], perm) if graph.opset() >= 5 else None
     if target is not None:
         shape_const = new_const(graph, np.array(target, dtype=np.int64), f"{op.outputs[0]}_shape")
         source, out = op.inputs[0], op.outputs[0]
