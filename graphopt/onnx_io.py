@@ -355,6 +355,31 @@ def to_model(graph: Graph) -> onnx.ModelProto:
     return model
 
 
+def to_model_without_large_constants(graph: Graph, max_bytes: int = 1 << 16
+                                     ) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with every constant over `max_bytes` turned into a typed graph input, and the
+    names of those constants. For tools that need the graph's structure but not its weights
+    (shape inference, the opset converter): the message stays small even for a 2 GB model."""
+    swapped = {}
+    for value in graph.values.values():
+        if value.is_const and not value.outer and value.nbytes > max_bytes:
+            swapped[value.name] = (value._array, value._proto, value._loader, value.sparse_proto)
+    saved_inputs = list(graph.inputs)
+    try:
+        for name in swapped:
+            value = graph.values[name]
+            value._array = value._proto = value._loader = value.sparse_proto = None
+            if name not in graph.inputs:
+                graph.inputs.append(name)
+        model = to_model(graph)
+    finally:
+        graph.inputs = saved_inputs
+        for name, (array, proto, loader, sparse) in swapped.items():
+            value = graph.values[name]
+            value._array, value._proto, value._loader, value.sparse_proto = array, proto, loader, sparse
+    return model, [name for name in swapped if name not in saved_inputs]
+
+
 def _graph_proto(graph: Graph) -> onnx.GraphProto:
     gp = onnx.GraphProto()
     if graph.template is not None:
@@ -485,9 +510,20 @@ def _encode_attr(name: str, value: Any, attr_type: int | None) -> onnx.Attribute
 
 
 def weight_bytes(graph: Graph) -> int:
-    """Bytes of all constants in the model (subgraphs included)."""
-    return sum(v.nbytes for g in graph.iter_graphs() for v in g.values.values()
-               if v.is_const and not v.outer)
+    """Bytes of all constants in the model, subgraphs included: initializers and the tensors of
+    Constant ops (exporters such as Paddle's store every weight that way)."""
+    total = 0
+    for g in graph.iter_graphs():
+        total += sum(v.nbytes for v in g.values.values() if v.is_const and not v.outer)
+        for op in g.ops.values():
+            tensor = op.attrs.get("value") if op.op_type == "Constant" else None
+            if isinstance(tensor, onnx.TensorProto):
+                try:
+                    itemsize = onnx_to_np_dtype(tensor.data_type).itemsize
+                except (KeyError, TypeError, ValueError):
+                    continue
+                total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
 
 
 def save(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from graphopt.ir import Graph, Shape
-from graphopt.onnx_io import to_model
+from graphopt.onnx_io import to_model_without_large_constants
 
 #: Constants larger than this are replaced by typed inputs during inference.
 _INLINE_CONST_BYTES = 1 << 16
@@ -74,23 +74,7 @@ def _more_specific(new: Shape, old: Shape) -> bool:
 
 def _inference_model(graph: Graph, input_shapes: dict[str, Shape]) -> onnx.ModelProto:
     """The model with large constants turned into inputs and pinned input shapes applied."""
-    swapped = {}
-    for value in graph.values.values():
-        if value.is_const and not value.outer and value.nbytes > _INLINE_CONST_BYTES:
-            swapped[value.name] = (value._array, value._proto, value._loader, value.sparse_proto)
-    saved_inputs = list(graph.inputs)
-    try:
-        for name in swapped:
-            value = graph.values[name]
-            value._array = value._proto = value._loader = value.sparse_proto = None
-            if name not in graph.inputs:
-                graph.inputs.append(name)
-        model = to_model(graph)
-    finally:
-        graph.inputs = saved_inputs
-        for name, (array, proto, loader, sparse) in swapped.items():
-            value = graph.values[name]
-            value._array, value._proto, value._loader, value.sparse_proto = array, proto, loader, sparse
+    model, _ = to_model_without_large_constants(graph, _INLINE_CONST_BYTES)
     for vi in model.graph.input:
         if vi.name in input_shapes:
             shape = input_shapes[vi.name]

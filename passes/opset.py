@@ -5,7 +5,7 @@ Gelu from 20. Converting the model with onnx's version converter (which rewrites
 meaning changed between the versions, e.g. Softmax at 13, Squeeze's axes input) lets the fusion
 passes put in the standard op, which every runtime then runs as one kernel. The pass only raises
 the opset when such a pattern is present, never above what the installed onnx supports, and
-leaves models with custom domains, functions or over-2 GB weights alone. Disable it by name
+leaves models with custom domains or functions alone. Weights never go through the converter. Disable it by name
 (`upgrade_opset`) to keep a model's opset.
 """
 
@@ -15,7 +15,7 @@ import onnx
 import onnx.version_converter
 
 from graphopt.ir import Graph
-from graphopt.onnx_io import EXTERNAL_DATA_THRESHOLD, load, to_model, weight_bytes
+from graphopt.onnx_io import load, to_model_without_large_constants
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_patterns import (match_gelu_erf, match_gelu_tanh, match_hardsigmoid_times_x,
                                              match_hardswish)
@@ -54,15 +54,25 @@ class UpgradeOpset(Pass):
         if target <= current or current < 7:
             return result
         if set(info.opset_imports) - {"", "ai.onnx", "ai.onnx.ml"} or \
-                (info.template is not None and len(info.template.functions)) or \
-                weight_bytes(graph) > EXTERNAL_DATA_THRESHOLD:
+                (info.template is not None and len(info.template.functions)):
             return result
+        # Weights do not change between opsets: convert the structure only, then put them back.
+        model, weights = to_model_without_large_constants(graph)
         try:
-            converted = onnx.version_converter.convert_version(to_model(graph), target)
+            converted = onnx.version_converter.convert_version(model, target)
             onnx.checker.check_model(converted)
+            upgraded = load(converted)
         except Exception:  # the converter lacks an adapter for some op: keep the model as is
             return result
-        graph.adopt(load(converted))
+        if any(name not in upgraded.values or not upgraded.is_input(name) for name in weights):
+            return result  # the converter renamed or rewired a weight: not worth the risk
+        for name in weights:
+            source, target_value = graph.values[name], upgraded.values[name]
+            upgraded.inputs.remove(name)
+            target_value._array, target_value._proto = source._array, source._proto
+            target_value._loader, target_value.sparse_proto = source._loader, source.sparse_proto
+            target_value.type_proto = target_value.value_info_proto = target_value._declared = None
+        graph.adopt(upgraded)
         result.count(f"opset_{current}_to_{target}")
         return result
 
