@@ -140,7 +140,8 @@ def piece_of(graph: Graph, value_name: str) -> Piece | None:
     return None if pieces is None else pieces[slot]
 
 
-def add_slice(graph: Graph, source: Value, axis: int, start: int, stop: int | None, hint: str) -> Value:
+def add_slice(graph: Graph, source: Value, axis: int, start: int, stop: int | None,
+              hint: str) -> Value:
     """Slice(source, start:stop) along one axis (stop None: to the end)."""
     shape = None
     if source.shape is not None:
@@ -209,7 +210,7 @@ def _simplify_concat(graph: Graph, op: Op, result: PassResult) -> None:
             stop = piece.stop
             while j < len(flat) and stop is not None:
                 nxt = piece_of(graph, flat[j])
-                if nxt is None or nxt.source != piece.source or nxt.axis != axis or nxt.start != stop:
+                if nxt is None or (nxt.source, nxt.axis, nxt.start) != (piece.source, axis, stop):
                     break
                 stop = nxt.stop
                 j += 1
@@ -430,11 +431,13 @@ def _siblings_to_split(graph: Graph, source: Value, result: PassResult) -> None:
         if position != dim or len(sizes) != len(items):
             continue
         outs = [graph.values[op.outputs[0]] for _, op in items]
-        fresh = [graph.add_value(graph.fresh_name(f"{o.name}_split"), o.dtype, o.shape) for o in outs]
+        fresh = [graph.add_value(graph.fresh_name(f"{o.name}_split"), o.dtype, o.shape)
+                 for o in outs]
         attrs = {"axis": axis}
         inputs = [source.name]
         if graph.opset() >= 13:
-            inputs.append(new_const(graph, np.array(sizes, dtype=np.int64), f"{source.name}_split").name)
+            sizes_const = new_const(graph, np.array(sizes, dtype=np.int64), f"{source.name}_split")
+            inputs.append(sizes_const.name)
         else:
             attrs["split"] = sizes
         params = []

@@ -146,7 +146,8 @@ def _evaluate(graph: Graph, op: Op, limit: int) -> list[np.ndarray] | None:
         return None
     try:
         factory = lookup(op.op_type, op.domain, graph.opset(op.domain))
-        node = KernelNode(op=op, graph=graph, opset=graph.opset(op.domain), consts=_read_only(consts))
+        node = KernelNode(op=op, graph=graph, opset=graph.opset(op.domain),
+                          consts=_read_only(consts))
         outputs = factory(node)(*_read_only(consts))
     except UnsupportedOpError:
         return None

@@ -418,7 +418,8 @@ def _absorb_head_split(graph: Graph, transpose: Op) -> int:
     n = weight.shape[1]
     dims = source_dims(y)
     split = None if dims is None else view_dims(graph, reshape, list(dims))
-    if split is None or len(split) not in (rank + 1, rank + 2) or split[:rank - 1] != dims[:rank - 1]:
+    if split is None or len(split) not in (rank + 1, rank + 2) \
+            or split[:rank - 1] != dims[:rank - 1]:
         return 0
     tail = split[rank - 1:]
     if not all(isinstance(d, int) for d in tail) or int(np.prod(tail)) != n:
@@ -593,7 +594,8 @@ def _match_shuffle(graph: Graph, transpose: Op) -> tuple[Op, Op, np.ndarray] | N
         return None
     groups, per_group = split[1], split[2]
     channels = x.shape[1]
-    if not isinstance(groups, int) or not isinstance(per_group, int) or groups * per_group != channels:
+    if not isinstance(groups, int) or not isinstance(per_group, int) \
+            or groups * per_group != channels:
         return None
     merged = view_dims(graph, last, [split[0], per_group, groups, split[3], split[4]])
     if merged != source_dims(x):

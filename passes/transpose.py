@@ -78,7 +78,8 @@ def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def add_transpose(graph: Graph, source: Value, perm: Sequence[int], output: str | None = None) -> Value:
+def add_transpose(graph: Graph, source: Value, perm: Sequence[int],
+                  output: str | None = None) -> Value:
     """Transpose(source, perm); writes `output` (an existing value without producer) if given."""
     if output is None:
         return add_simple_op(graph, "Transpose", [source], source.dtype,
@@ -380,7 +381,8 @@ def _classify_inputs(graph: Graph, op: Op, perm: Perm, move: _Move,
             found.sources[slot] = producer.inputs[0]
             found.transposes[producer.id] = producer
             continue
-        if value.shape is not None and len(value.shape) <= rank and all(d == 1 for d in value.shape):
+        if value.shape is not None and len(value.shape) <= rank \
+                and all(d == 1 for d in value.shape):
             continue  # all-ones (a scalar): the same in any layout
         const = graph.const_value(value)
         if const is not None and const.ndim <= rank:
@@ -614,8 +616,8 @@ def _plan_matmul(graph: Graph, op: Op, perm: Perm) -> _Move | None:
     if rank < 2:
         return None
     a, b = (graph.values[n] for n in op.inputs)
-    a_t = is_transpose(graph.producer_op(a.name)) and perm_of(graph, graph.producer_op(a.name)) == perm
-    b_t = is_transpose(graph.producer_op(b.name)) and perm_of(graph, graph.producer_op(b.name)) == perm
+    a_t, b_t = (is_transpose(graph.producer_op(v.name))
+                and perm_of(graph, graph.producer_op(v.name)) == perm for v in (a, b))
     if a_t and b_t:
         if perm[-1] == rank - 1 and perm[-2] == rank - 2:
             return _Move([0, 1], out_perms=[perm])

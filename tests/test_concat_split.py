@@ -18,7 +18,8 @@ def _ints(*values):
 
 def _slice(src, dst, start, end, axis, prefix):
     return (helper.make_node("Slice", [src, f"{prefix}_s", f"{prefix}_e", f"{prefix}_a"], [dst]),
-            [(f"{prefix}_s", _ints(start)), (f"{prefix}_e", _ints(end)), (f"{prefix}_a", _ints(axis))])
+            [(f"{prefix}_s", _ints(start)), (f"{prefix}_e", _ints(end)),
+             (f"{prefix}_a", _ints(axis))])
 
 
 def test_single_input_concat_and_one_output_split_disappear():

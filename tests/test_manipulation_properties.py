@@ -15,7 +15,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import helper
 
 import graphopt
 from oracle import make_model, run_ort
@@ -33,7 +33,8 @@ class _Builder:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[tuple[str, np.ndarray]] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.layout: dict[str, list[int]] = {}   # transposes applied since the last non-pointwise op
+        # transposes applied since the last op that is not pointwise
+        self.layout: dict[str, list[int]] = {}
         self.pool: list[str] = []
         self.counter = 0
 

@@ -97,7 +97,8 @@ def _shuffle_model(follow_group: int, channels: int = 8, groups: int = 2):
         inits[-1] = ("pw", rng.standard_normal((6, channels, 1, 1)).astype(np.float32))
         nodes.append(helper.make_node("Conv", ["m", "gw"], ["z"], group=follow_group,
                                       kernel_shape=[1, 1]))
-        inits.append(("gw", rng.standard_normal((4, channels // follow_group, 1, 1)).astype(np.float32)))
+        gw = rng.standard_normal((4, channels // follow_group, 1, 1)).astype(np.float32)
+        inits.append(("gw", gw))
         outputs = [("y", [1, 6, 6, 6]), ("z", [1, 4, 6, 6])]
     else:
         outputs = [("y", [1, 5, 6, 6])]

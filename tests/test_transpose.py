@@ -140,3 +140,31 @@ def test_transpose_of_a_constant_folds():
     model = make_model(nodes, [("x", [3, 2])], [("y", [3, 2])], [("w", w)])
     graph, _ = optimize_and_compare(model, "O2")
     assert op_types(graph) == ["Add"]
+
+
+def test_transposes_cancel_inside_if_and_loop_bodies():
+    from onnx import TensorProto
+    then_g = helper.make_graph(
+        [_t("x", "t1", [1, 0]), helper.make_node("Relu", ["t1"], ["r"]), _t("r", "tout", [1, 0])],
+        "then", [], [helper.make_tensor_value_info("tout", TensorProto.FLOAT, [2, 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["eout"])], "else", [],
+                               [helper.make_tensor_value_info("eout", TensorProto.FLOAT, [2, 3])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         _t("carry", "ct", [1, 0]), _t("ct", "ct2", [1, 0]),
+         helper.make_node("Add", ["ct2", "x"], ["carry_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("carry", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("carry_out", TensorProto.FLOAT, [2, 3])])
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Loop", ["n", "", "y"], ["z"], body=body)]
+    model = make_model(nodes, [("x", [2, 3]), ("c", [], TensorProto.BOOL),
+                               ("n", [], TensorProto.INT64)], [("z", [2, 3])])
+    for cond in (True, False):
+        feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3) - 2, "c": np.array(cond),
+                 "n": np.array(3)}
+        graph, _ = optimize_and_compare(model, "O2", feeds=feeds)
+        bodies = [op_types(sub) for op in graph.ops.values() for sub in op.subgraphs()]
+        assert all("Transpose" not in kinds for kinds in bodies)
