@@ -516,6 +516,7 @@ class Session:
             from graphopt.onnx_io import load
             graph = load(model)
         self.graph = graph
+        memory.tune_allocator()   # once per process: no page faults on every run (memory.py)
         self._services = _Services(inplace=inplace, fuse=fuse)
         self._program = GraphProgram(graph, self._services)
         self.inputs = [self._spec(name) for name in graph.inputs

@@ -4,6 +4,12 @@ comparisons and logic, variadic Sum/Max/Min/Mean, Where, Clip, Cast/CastLike.
 Kernels that can write their output into a dying input (`writes_into`, see registry.py) do so
 with numpy's `out=`, which is where most of the runtime's in-place savings come from. Every
 kernel returns ndarrays (numpy ufuncs turn 0-d inputs into scalars; `_arr` turns them back).
+
+Speed: an elementwise kernel costs about one pass over its tensor per ufunc call, so the
+activations (Relu, Clip, HardSigmoid, HardSwish, Sigmoid) use as few calls as their math
+allows, and the clip ufunc wherever a bound is involved (`clamp`): in numpy 2.x np.maximum /
+np.minimum against a scalar run 2-3x slower than the clip ufunc (measured: 97 us against 38 us
+for 200k float32), and np.clip's Python wrapper adds a few microseconds per call.
 """
 
 from __future__ import annotations
@@ -16,6 +22,21 @@ import onnx
 from graphopt.errors import GraphoptError
 from graphopt.ir import onnx_to_np_dtype
 from graphopt.runtime.kernels.registry import KernelNode, kernel, writes_into
+
+
+try:   # the ufunc itself, without np.clip's argument handling (numpy >= 2: numpy._core)
+    from numpy._core.umath import clip as _clip_ufunc
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.umath import clip as _clip_ufunc
+
+_INF = float("inf")
+
+
+def clamp(x: np.ndarray, low, high, out: np.ndarray | None = None) -> np.ndarray:
+    """min(max(x, low), high) elementwise for float arrays (NaN stays NaN, as in np.maximum);
+    `low`/`high` are Python floats (±inf for no bound) or arrays of x's dtype. The clip ufunc is
+    2-3x faster than np.maximum/np.minimum with a scalar (see the module docstring)."""
+    return _clip_ufunc(x, low, high, out=out)
 
 
 def _arr(x) -> np.ndarray:
@@ -71,7 +92,11 @@ def _unary(op_type: str, *, inplace: bool = True):
 
 @_unary("Relu")
 def _relu(node):
-    return lambda x, out: np.maximum(x, 0, out=out)
+    def f(x, out):
+        if x.dtype.kind == "f":
+            return clamp(x, 0.0, _INF, out)     # one fast pass (module docstring)
+        return np.maximum(x, 0, out=out)
+    return f
 
 
 @_unary("LeakyRelu")
@@ -109,26 +134,33 @@ def _sigmoid(node):
     return lambda x, out: sigmoid(x, out)
 
 
+def hard_sigmoid(x: np.ndarray, alpha: float, beta: float,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """max(0, min(1, alpha * x + beta)): three passes (multiply, add, clamp)."""
+    if x.dtype.kind != "f":
+        y = np.clip(x.astype(np.float32) * alpha + beta, 0, 1).astype(x.dtype)
+        return y if out is None else _into(y, out)
+    out = np.multiply(x, alpha, out=_buffer(x, out))
+    np.add(out, beta, out=out)
+    return clamp(out, 0.0, 1.0, out)
+
+
+def hard_swish(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x * HardSigmoid(x; 1/6, 1/2): the gate in a temporary (three passes), one multiply."""
+    gate = hard_sigmoid(x, 1.0 / 6.0, 0.5)
+    return np.multiply(x, gate, out=out)
+
+
 @_unary("HardSigmoid")
 def _hard_sigmoid(node):
     alpha = float(node.attr("alpha", 0.2))
     beta = float(node.attr("beta", 0.5))
-
-    def f(x, out):
-        out = np.multiply(x, alpha, out=_buffer(x, out), dtype=x.dtype)
-        np.add(out, beta, out=out)
-        return np.clip(out, 0, 1, out=out)
-    return f
+    return lambda x, out: hard_sigmoid(x, alpha, beta, out)
 
 
 @_unary("HardSwish")
 def _hard_swish(node):
-    def f(x, out):
-        gate = np.multiply(x, 1.0 / 6.0, out=np.empty_like(x), dtype=x.dtype)
-        np.add(gate, 0.5, out=gate)
-        np.clip(gate, 0, 1, out=gate)
-        return np.multiply(x, gate, out=out)
-    return f
+    return lambda x, out: hard_swish(x, out)
 
 
 @_unary("Swish")
@@ -457,6 +489,11 @@ def _clip_11(node: KernelNode):
 
 
 def _clip(x: np.ndarray, low, high, out: np.ndarray | None) -> np.ndarray:
+    if x.dtype.kind == "f" and _bound_ok(low, x.dtype) and _bound_ok(high, x.dtype):
+        # One clip-ufunc pass instead of maximum then minimum (module docstring).
+        lo = -_INF if low is None else (low.reshape(()) if isinstance(low, np.ndarray) else low)
+        hi = _INF if high is None else (high.reshape(()) if isinstance(high, np.ndarray) else high)
+        return _arr(clamp(x, lo, hi, out))
     result = x
     if low is not None:
         result = _arr(np.maximum(result, low, out=out))
@@ -464,6 +501,14 @@ def _clip(x: np.ndarray, low, high, out: np.ndarray | None) -> np.ndarray:
         reuse = out if out is not None else (result if result is not x else None)
         result = _arr(np.minimum(result, high, out=reuse))
     return result if result.dtype == x.dtype else result.astype(x.dtype)
+
+
+def _bound_ok(bound, dtype: np.dtype) -> bool:
+    """Whether a Clip bound can go to the clip ufunc as is: absent, a Python number, or a
+    one-element array of the input's dtype (another dtype would change the result's)."""
+    if bound is None or isinstance(bound, (int, float)):
+        return True
+    return isinstance(bound, np.ndarray) and bound.dtype == dtype and bound.size == 1
 
 
 # ---------------------------------------------------------------------------------------------
