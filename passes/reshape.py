@@ -181,12 +181,68 @@ class ReshapeSimplification(Pass):
         for op in graph.topological_ops():
             if op.graph is not graph or not _is_view(op):
                 continue
+            if _unwrap_view_sandwich(graph, op):  # before its target loses the shape's origin
+                result.count("view_sandwiches_removed")
+                continue
             if op.op_type == "Reshape" and graph.opset() >= 5 and \
                     graph.const_value(op.inputs[1]) is None:
                 if _constant_target(graph, op):
                     result.count("reshape_targets_made_constant")
             _simplify_view(graph, op, result)
         return result
+
+
+#: Ops that act on the last axis alone (their `axis` must name it) or on each element.
+_LAST_AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+
+
+def _unwrap_view_sandwich(graph: Graph, op: Op) -> bool:
+    """view(x) -> N -> `op` (a view back to x's shape), where N is elementwise or a softmax over
+    the last axis that the first view kept whole, becomes N(x): the version converter wraps every
+    opset-12 Softmax in Flatten ... Reshape(Shape(x)) this way."""
+    middle = graph.producer_op(op.inputs[0])
+    if middle is None or middle.domain not in ("", "ai.onnx") or len(middle.outputs) != 1 \
+            or not _only_reader(graph, middle.outputs[0], op) or len(middle.inputs) != 1 \
+            or (middle.op_type not in UNARY and middle.op_type not in _LAST_AXIS_OPS):
+        return False
+    first = graph.producer_op(middle.inputs[0])
+    if not _is_view(first) or not _only_reader(graph, first.outputs[0], middle):
+        return False
+    x = graph.values[first.inputs[0]]
+    start = source_dims(x)
+    viewed = None if start is None else view_dims(graph, first, list(start))
+    if viewed is None or not _restores(graph, op, viewed, x, start):
+        return False
+    attrs = dict(middle.attrs)
+    if middle.op_type in _LAST_AXIS_OPS:
+        axis = normalize_axis(int(attrs.get("axis", -1 if graph.opset() >= 13 else 1)), len(viewed))
+        if axis != len(viewed) - 1 or viewed[-1] != start[-1] or viewed[-1] is None:
+            return False
+        attrs["axis"] = len(start) - 1
+    out = op.outputs[0]
+    graph.remove_op(op, prune=True)
+    graph.remove_op(middle, prune=True)
+    graph.remove_op(first, prune=True)
+    graph.add_op(middle.op_type, [x.name], [out], attrs, name=middle.name, meta=middle.meta)
+    return True
+
+
+def _restores(graph: Graph, view: Op, dims: list[DimExpr], x: Value,
+              start: list[DimExpr]) -> bool:
+    """Whether `view` applied to a tensor of `dims` gives exactly x's shape (`start`)."""
+    out = view_dims(graph, view, list(dims))
+    if out is not None and out == start:
+        return True
+    if view.op_type != "Reshape" or graph.opset() < 5 or int(view.attrs.get("allowzero", 0)):
+        return False
+    elements = shape_elements(graph, view.inputs[1])
+    if elements is None or len(elements) != len(start) or elements.count(-1) > 1 or 0 in start:
+        return False
+    # the element count is x's all along, so one -1 stands for the one dim not spelled out
+    return all(e == -1 or e == d if isinstance(e, int) else e == (x.name, k) or
+               (isinstance(d, int) and graph.values[e[0]].shape is not None
+                and graph.values[e[0]].shape[e[1]] == d)
+               for k, (e, d) in enumerate(zip(elements, start)))
 
 
 def _simplify_view(graph: Graph, op: Op, result: PassResult) -> None:

@@ -201,3 +201,22 @@ def test_fused_qkv_projection_becomes_one_projection_per_group():
         assert {"Reshape", "Split", "Squeeze", "Gather"}.isdisjoint(kinds), kind
         assert kinds.count("Transpose") == 1 and kinds.count("MatMul") == 5, kind
         assert _stats(report, "head_split")["head_splits_absorbed"] == 3
+
+
+def test_softmax_wrapped_in_flatten_and_reshape_back_is_unwrapped():
+    """onnx's version converter wraps an opset-12 Softmax as Flatten -> Softmax ->
+    Reshape(Shape(x)); over the last axis that is Softmax(x) itself."""
+    nodes = [helper.make_node("Shape", ["x"], ["sh"]),
+             helper.make_node("Flatten", ["x"], ["f"], axis=2),
+             helper.make_node("Softmax", ["f"], ["s"], axis=1),
+             helper.make_node("Reshape", ["s", "sh"], ["sm"]),
+             helper.make_node("Reshape", ["sm", "flat"], ["r"]),     # elementwise sandwich
+             helper.make_node("Exp", ["r"], ["e"]),
+             helper.make_node("Reshape", ["e", "back"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6])
+    model = make_model(nodes, [x], [("y", ["batch", 4, 6])],
+                       [("flat", _ints(-1)), ("back", _ints(-1, 4, 6))], opset=13)
+    feeds = {"x": np.random.default_rng(5).standard_normal((3, 4, 6)).astype(np.float32)}
+    graph, report = optimize_and_compare(model, "O2", feeds=feeds)
+    assert op_types(graph) == ["Exp", "Softmax"]
+    assert _stats(report, "reshape_simplify")["view_sandwiches_removed"] == 2
