@@ -83,9 +83,14 @@ def broadcast(a: Shape, b: Shape) -> Shape | None:
 class GraphGen:
     """Grows one random graph: a node list, initializers, inputs and the pool of readable tensors."""
 
-    def __init__(self, rng: np.random.Generator, opset: int) -> None:
+    def __init__(self, rng: np.random.Generator, opset: int,
+                 parent: GraphGen | None = None) -> None:
         self.rng = rng
         self.opset = opset
+        #: The enclosing graph's generator when this one grows an If branch (names stay unique
+        #: model-wide through the root's counter).
+        self.parent = parent
+        self.depth = 0 if parent is None else parent.depth + 1
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -99,8 +104,11 @@ class GraphGen:
 
     # -- names, constants, inputs ----------------------------------------------------------------
     def fresh(self, hint: str) -> str:
-        self._counter += 1
-        return f"{hint}_{self._counter}"
+        root = self
+        while root.parent is not None:
+            root = root.parent
+        root._counter += 1
+        return f"{hint}_{root._counter}"
 
     def const(self, array: np.ndarray, hint: str = "c", *, as_node: bool | None = None) -> str:
         """A constant: an initializer, or (sometimes) a Constant node, which folding must handle."""
@@ -1245,6 +1253,59 @@ def _concat_concat(g: GraphGen) -> bool:
     inputs = [inner.name, piece] if g.rng.random() < 0.5 else [piece, inner.name]
     g.one("Concat", inputs, tuple(out), axis=other)
     return True
+
+
+@motif("if_block", 0.8)
+def _if_block(g: GraphGen) -> bool:
+    """An If whose branches grow 1-3 motifs each from a tensor of the enclosing graph (an
+    outer-scope reference), on a data-dependent condition (mean of the tensor > 0). Both branches
+    are grown from the same random state, so they end in the same shape (their names and, for
+    motifs that read other tensors, their structure may still differ); nested Ifs up to depth 2.
+    The passes run inside the branches and must respect the outer references."""
+    if g.depth >= 2:
+        return False
+    x = g.pick(lambda t: t.rank >= 1)
+    if x is None:
+        return False
+    state = g.rng.bit_generator.state
+    branches = []
+    for _ in range(2):
+        rng = np.random.Generator(type(g.rng.bit_generator)())
+        rng.bit_generator.state = state
+        branches.append(_grow_branch(g, x, rng))
+    g.rng.integers(2)  # move the parent's stream past the branch draws
+    (then_graph, then_out), (else_graph, else_out) = branches
+    if then_out.shape != else_out.shape:
+        return False
+    mean = g.reduce_mean(x, list(range(x.rank)), 0)
+    cond = g.node("Greater", [mean.name, g.const(np.array(0.0, np.float32), "zero")], [()],
+                  dtypes=[TensorProto.BOOL], pool=False)[0]
+    g.node("If", [cond.name], [then_out.shape], then_branch=then_graph, else_branch=else_graph)
+    g.reads[x.name] = g.reads.get(x.name, 0) + 1
+    return True
+
+
+def _grow_branch(g: GraphGen, x: Tensor, rng: np.random.Generator
+                 ) -> tuple[onnx.GraphProto, Tensor]:
+    """A branch graph grown by a child generator whose pool starts with the outer tensor x."""
+    child = GraphGen(rng, g.opset, parent=g)
+    child.pool = [x]
+    names = list(MOTIFS)
+    weights = np.array([MOTIFS[n][0] for n in names])
+    for _ in range(int(rng.integers(1, 4))):
+        name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        mark = (len(child.nodes), len(child.initializers), len(child.pool))
+        if MOTIFS[name][1](child):
+            child.motifs.append(name)
+        else:
+            del child.nodes[mark[0]:], child.initializers[mark[1]:], child.pool[mark[2]:]
+    produced = [t for t in child.pool if t.name != x.name]
+    out = produced[-1] if produced else child.one("Relu", [x.name], x.shape)
+    g.motifs.extend(f"if:{m}" for m in child.motifs)
+    graph = helper.make_graph(child.nodes, g.fresh("branch"), [],
+                              [helper.make_tensor_value_info(out.name, out.dtype, list(out.shape))],
+                              child.initializers)
+    return graph, out
 
 
 @motif("dead_branch", 0.4)

@@ -11,6 +11,7 @@ each kept only if the model stays valid (onnx checker) and still fails:
 - cut an op: its outputs become graph inputs, fed with the values they had (so the rest of the
   graph computes exactly what it computed before, and a numeric failure does not vanish because
   random feeds replaced realistic ones);
+- retarget a graph output from an op to one of the op's inputs, so the op can go;
 
 after each, ops, initializers and inputs nothing needs any longer are pruned. Passes over the
 ops repeat until a whole pass changes nothing.
@@ -36,7 +37,7 @@ def shrink(model: onnx.ModelProto, feeds: Feeds, still_fails: Predicate, *,
     no bypasses). Use it for numeric mismatches: a bypass changes what the rest computes and can
     turn a small mismatch into an ill-conditioned one (a Div by a mean near zero) that is no
     longer the bug."""
-    steps = (_cut,) if exact else (_bypass, _cut)
+    steps = (_cut, _retarget) if exact else (_bypass, _cut, _retarget)
     current, current_feeds = _named(model), dict(feeds)
     pruned = prune(current, current_feeds)
     if _accept(pruned, still_fails):
@@ -115,6 +116,25 @@ def _bypass(model: onnx.ModelProto, feeds: Feeds, node_name: str
             if o.name == out:
                 o.name = src
         return prune(copy, feeds)
+    return None
+
+
+def _retarget(model: onnx.ModelProto, feeds: Feeds, node_name: str
+              ) -> tuple[onnx.ModelProto, Feeds] | None:
+    """The node makes a graph output: the output becomes one of the node's inputs instead (made
+    by another node), so the node can go. Values upstream are unchanged, so this is exact."""
+    node = _node(model, node_name)
+    outputs = [o.name for o in model.graph.output]
+    made = {o for n in model.graph.node for o in n.output if o}
+    mine = [i for i, name in enumerate(outputs) if name in node.output]
+    if not mine:
+        return None
+    types = value_types(model)
+    for src in node.input:
+        if src in made and src not in outputs and src in types:
+            copy = _copy(model)
+            copy.graph.output[mine[0]].CopyFrom(helper.make_value_info(src, types[src]))
+            return prune(copy, feeds)
     return None
 
 

@@ -29,7 +29,10 @@ OPTIMIZER_STAGES = ("O1", "O2", "O3")
 RUNTIME_STAGES = ("runtime", "runtime-O2")
 
 #: seed -> (stages it fails in, reason); see tests/test_regressions_fuzz.py for each bug.
-KNOWN: dict[int, tuple[tuple[str, ...], str]] = {}
+KNOWN: dict[int, tuple[tuple[str, ...], str]] = {
+    21: (("O2",), "channel_shuffle crashes when the shuffle's output died in the same round "
+                  "(test_channel_shuffle_whose_output_died_in_the_same_round, passes/reshape.py)"),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,14 +103,14 @@ def test_shrinker_keeps_only_what_the_failure_needs() -> None:
     import onnx
 
     from fuzz.differential import run_ort
-    from fuzz.shrink import shrink
-
-    seed = next(s for s in range(100) if "Conv" in generate(s).op_types
-                and len(generate(s).model.graph.node) > 8)
-    case = generate(seed)
+    from fuzz.shrink import prune, shrink
 
     def has_conv(model, feeds) -> bool:
         return any(n.op_type == "Conv" for n in model.graph.node)
+
+    # a case whose Conv reaches a graph output (a dead Conv goes with the first prune)
+    case = next(c for c in map(generate, range(200))
+                if len(c.model.graph.node) > 8 and has_conv(*prune(c.model, c.feeds)))
 
     small, feeds = shrink(case.model, case.feeds, has_conv)
     onnx.checker.check_model(small, full_check=True)
