@@ -236,8 +236,9 @@ def dlrm(folder: Path, batch: int, keep: bool) -> None:
     gc.collect()
     start = time.perf_counter()
     reference = ort_session_from_path(src).run(None, feeds)
+    problem = compare(reference, actual, graph.outputs)
     print(f"onnxruntime on the original: {time.perf_counter() - start:.1f} s; "
-          f"agreement: {compare(reference, actual, graph.outputs) or 'match (rtol 1e-4, atol 1e-5)'}")
+          f"agreement: {problem or 'match (rtol 1e-4, atol 1e-5)'}")
     if available_level("O3") == "O3":
         graph3 = graphopt.load(src)
         start = time.perf_counter()

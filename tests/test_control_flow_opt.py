@@ -275,7 +275,8 @@ def test_scan_body_optimized(level):
          helper.make_node("Mul", ["row_t", "row_t"], ["sq1"]),
          helper.make_node("Mul", ["row_t", "row_t"], ["sq2"]),
          helper.make_node("Add", ["sq1", "sq2"], ["y_row"])],
-        "scan_body", [_vi("acc_in", [4]), _vi("row", [4])], [_vi("acc_out", [4]), _vi("y_row", [4])])
+        "scan_body", [_vi("acc_in", [4]), _vi("row", [4])],
+        [_vi("acc_out", [4]), _vi("y_row", [4])])
     nodes = main + [helper.make_node("Scan", ["acc0", "xs"], ["acc", "ys"], body=body,
                                      num_scan_inputs=1)]
     model = make_model(nodes, [("acc0", [4]), ("xs", [5, 4]), ("bias_in", [4])],

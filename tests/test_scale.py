@@ -43,7 +43,8 @@ def test_pass_manager_bookkeeping_on_a_2000_node_chain():
     x = {"x": np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)}
     optimized = graphopt.to_model(graph)
     onnx.checker.check_model(optimized, full_check=True)
-    assert not compare(run_ort(model, x), run_ort(optimized, x), [o.name for o in model.graph.output])
+    names = [o.name for o in model.graph.output]
+    assert not compare(run_ort(model, x), run_ort(optimized, x), names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +73,8 @@ def _ort_reference(path, feeds) -> list[np.ndarray]:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
 
 
 @pytest.fixture(scope="module")

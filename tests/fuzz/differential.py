@@ -22,6 +22,7 @@ import onnxruntime as ort
 import graphopt
 from graphopt.errors import UnsupportedOpError
 from graphopt.ir import Graph
+from graphopt.pass_manager import RunReport
 from graphopt.pipeline import available_level
 
 ort.set_default_logger_severity(4)
@@ -148,7 +149,7 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # stages
 # ---------------------------------------------------------------------------------------------
-def optimize_model(model: onnx.ModelProto, level: str) -> tuple[Graph, graphopt.pass_manager.RunReport]:
+def optimize_model(model: onnx.ModelProto, level: str) -> tuple[Graph, RunReport]:
     graph = graphopt.load(model)
     report = graphopt.optimize(graph, level, verify="structural")
     return graph, report

@@ -81,7 +81,7 @@ def broadcast(a: Shape, b: Shape) -> Shape | None:
 
 
 class GraphGen:
-    """Grows one random graph: a node list, initializers, inputs and the pool of readable tensors."""
+    """Grows one random graph: nodes, initializers, inputs and the pool of readable tensors."""
 
     def __init__(self, rng: np.random.Generator, opset: int,
                  parent: GraphGen | None = None) -> None:
@@ -429,15 +429,16 @@ def _conv(g: GraphGen) -> bool:
     return True
 
 
-def _make_conv(g: GraphGen, x: Tensor, *, out_channels: int | None = None, kernel: int | None = None,
-               same: bool = False, bias: bool | None = None, group: int | None = None) -> Tensor:
+def _make_conv(g: GraphGen, x: Tensor, *, out_channels: int | None = None,
+               kernel: int | None = None, same: bool = False, bias: bool | None = None, group: int | None = None) -> Tensor:
     n, c, h, w = x.shape
     if group is None:
         kind = g.rng.integers(3)
         group = 1 if kind == 0 else c if kind == 1 else int(g.choice(divisors(c)))
     if out_channels is None:
         mult = int(g.rng.integers(1, 3)) if group == c else None
-        out_channels = group * mult if mult else group * int(g.rng.integers(1, max(2, 16 // group) + 1))
+        per_group = mult or int(g.rng.integers(1, max(2, 16 // group) + 1))
+        out_channels = group * per_group
     k = kernel if kernel is not None else int(g.choice([1, 1, 3, 3, 2]))
     kh, kw = k, k if g.rng.random() < 0.8 or same else int(g.choice([1, 3]))
     attrs: dict = {}
@@ -697,7 +698,10 @@ def _transpose_pair(g: GraphGen) -> bool:
             mid = g.one("Add" if kind == "AddConst" else "Mul", [mid.name, c], mid.shape)
     if g.rng.random() < 0.2:
         g.one("Tanh", [mid.name], mid.shape)  # a second reader of the middle
-    second = inverse_perm(perm) if g.rng.random() < 0.7 else [int(p) for p in g.rng.permutation(x.rank)]
+    if g.rng.random() < 0.7:
+        second = inverse_perm(perm)
+    else:
+        second = [int(p) for p in g.rng.permutation(x.rank)]
     g.transpose(mid, second)
     return True
 
@@ -1009,7 +1013,8 @@ def _gelu(g: GraphGen) -> bool:
         if g.rng.random() < 0.5:
             scaled = g.one("Div", [x.name, g.const(np.array(math.sqrt(2), np.float32), "sqrt2")], s)
         else:
-            scaled = g.one("Mul", [x.name, g.const(np.array(1 / math.sqrt(2), np.float32), "isqrt2")], s)
+            isqrt2 = g.const(np.array(1 / math.sqrt(2), np.float32), "isqrt2")
+            scaled = g.one("Mul", [x.name, isqrt2], s)
         e = g.one("Erf", [scaled.name], s)
         one = g.one("Add", [e.name, g.const(np.array(1.0, np.float32), "one")], s)
         if g.rng.random() < 0.5:
