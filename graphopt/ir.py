@@ -235,6 +235,9 @@ class Graph:
         self.owner: Op | None = None
         self.values: dict[str, Value] = {}
         self.ops: dict[int, Op] = {}
+        # Ops holding subgraphs (If/Loop/Scan), so that walking nested graphs does not scan
+        # every op; kept by add_op/refresh_implicit/remove_op.
+        self._nesting: dict[int, Op] = {}
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.model: ModelInfo | None = ModelInfo() if parent is None else None
@@ -410,7 +413,12 @@ class Graph:
         return value
 
     def _link_implicit(self, op: Op) -> None:
-        """Add edges for values that the op's subgraphs read from this graph's scope."""
+        """Add edges for values that the op's subgraphs read from this graph's scope (and note
+        whether the op holds subgraphs at all)."""
+        if any(True for _ in op.subgraphs()):
+            self._nesting[op.id] = op
+        else:
+            self._nesting.pop(op.id, None)
         for name in _free_names(op):
             if name not in self.values:
                 self._resolve_outer(name)
@@ -449,6 +457,7 @@ class Graph:
         outs = [self.values[n] for n in op._outputs if n]
         self.nx.remove_node(op)
         del self.ops[op.id]
+        self._nesting.pop(op.id, None)
         op.graph = None
         if prune:
             for value in outs:
@@ -628,12 +637,14 @@ class Graph:
 
     def iter_graphs(self) -> Iterator[Graph]:
         """This graph and every nested subgraph, depth first (subgraphs before their owner's graph)."""
-        for op in list(self.ops.values()):
+        for op in sorted(self._nesting.values(), key=lambda o: o.id):
             for sub in op.subgraphs():
                 yield from sub.iter_graphs()
         yield self
 
     def count_ops(self, op_type: str | None = None, *, recursive: bool = False) -> int:
+        if op_type is None and (not recursive or not self._nesting):
+            return len(self.ops)
         graphs = self.iter_graphs() if recursive else [self]
         return sum(1 for g in graphs for op in g.ops.values()
                    if op_type is None or op.op_type == op_type)

@@ -228,9 +228,9 @@ class PassManager:
             t0 = time.perf_counter()
             result = self._run_pass(item, graph)
             seconds = time.perf_counter() - t0
+            ops_after = graph.count_ops(recursive=True) if result.changed else ops_before
             report.records.append(PassRecord(item.name, group, iteration, seconds, result.changed,
-                                             dict(result.stats), ops_before,
-                                             graph.count_ops(recursive=True)))
+                                             dict(result.stats), ops_before, ops_after))
             if result.changed:
                 changed_any = True
                 if self.verify != "off":

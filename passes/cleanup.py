@@ -52,7 +52,8 @@ class DeadCodeElimination(Pass):
                 graph.remove_value(value)
                 result.count("constants_removed")
             elif value.outer and not graph.nx.degree(value) and not graph.is_output(value):
-                graph.remove_value(value)
+                graph.remove_value(value)  # the owner's implicit inputs shrink: a change
+                result.count("outer_references_removed")
         return result
 
 

@@ -115,7 +115,7 @@ def other_input(op: Op, name: str) -> str | None:
 
 def new_const(graph: Graph, array: np.ndarray, hint: str) -> Value:
     """A fresh initializer holding `array`."""
-    return graph.add_const(np.ascontiguousarray(array), hint)
+    return graph.add_const(np.asarray(array, order="C"), hint)  # keeps 0-d arrays 0-d
 
 
 def set_input(graph: Graph, op: Op, slot: int, new: str | Value) -> None:
