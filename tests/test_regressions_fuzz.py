@@ -108,6 +108,17 @@ def test_runtime_unary_on_a_0d_tensor(op_type):
     _assert_clean(model, {"x": np.array(0.3, np.float32)}, ("runtime",))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "Gelu(approximate='tanh') on a 0-d input: x * x is a numpy scalar, so np.tanh(inner, "
+    "out=inner) raises (runtime/kernels/nn.py _gelu)"))
+def test_runtime_tanh_gelu_on_a_0d_tensor():
+    """Fuzz seed 33307: a tanh-form GELU written out over a 0-d mean; O2 fuses it into
+    Gelu(approximate="tanh") (raising the opset to 20) and the runtime crashed on it."""
+    model = make_model([helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")],
+                       [("x", [])], [("y", [])], opset=20, ir_version=9)
+    _assert_clean(model, {"x": np.array(0.3, np.float32)}, ("runtime",))
+
+
 @pytest.mark.parametrize("op_type", ["Relu", "Tanh", "Neg", "Sigmoid"])
 def test_runtime_unary_in_place_on_a_column_slice(op_type):
     """Fuzz seed 802 (LeakyRelu -> Slice of the last column -> Sigmoid, 0.36 off): the Slice is
