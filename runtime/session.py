@@ -102,6 +102,7 @@ class _Kernel:
     fn: KernelFn
     inplace_slots: tuple[int, ...]
     needs_scope: bool
+    node: KernelNode | None = None  # what the factory saw (for absorbing fused activations)
 
 
 @dataclass
@@ -190,7 +191,7 @@ class GraphProgram:
             label = op.name if op.name and op.name not in labels else f"{op.op_type}#{op.id}"
             labels.add(label)
             kernel = _Kernel(op, label, fn, tuple(getattr(fn, "inplace_slots", ())),
-                             bool(getattr(fn, "needs_scope", False)))
+                             bool(getattr(fn, "needs_scope", False)), node)
             if self._foldable(op) and self._fold(kernel, node.consts):
                 continue
             self.order.append(op)
@@ -273,12 +274,14 @@ class GraphProgram:
         for _, op in slots:
             kernel = self.kernels[op.id]
             chain = groups.get(op.id, [])
+            kernel, absorbed = self._absorb_activation(kernel, chain)
             step_reads = self._reads(op)
             epilogues = []
             carried = op.outputs[0] if chain else None
             for ep in chain:
-                slot = ep.inputs.index(carried)
-                epilogues.append(_Epilogue(self.kernels[ep.id], slot, ep.inputs))
+                if ep is not absorbed:
+                    slot = ep.inputs.index(carried)
+                    epilogues.append(_Epilogue(self.kernels[ep.id], slot, ep.inputs))
                 step_reads += [n for n in self._reads(ep) if n != carried]
                 carried = ep.outputs[0]
             step_outputs = (carried,) if chain else op.outputs
@@ -295,6 +298,25 @@ class GraphProgram:
                 step.inplace = memory.inplace_candidates(step.inputs, release, owned,
                                                          step.kernel.inplace_slots)
         return _Plan(steps, outputs, fused)
+
+    def _absorb_activation(self, kernel: _Kernel, chain: list[Op]) -> tuple[_Kernel, Op | None]:
+        """(kernel, absorbed op): when a fused chain starts with an activation and the head's
+        kernel can apply it itself (`fn.absorb_activation(node)` returns a kernel, e.g. Conv
+        folding the activation's affine prefix into its weights: kernels/fused_activation.py),
+        the step runs that kernel and the activation leaves the epilogue list. Its time then
+        shows under the head in profiles."""
+        absorb = getattr(kernel.fn, "absorb_activation", None)
+        if not chain or absorb is None or len(chain[0].inputs) < 1 \
+                or chain[0].inputs[0] != kernel.op.outputs[0]:
+            return kernel, None
+        ep_kernel = self.kernels[chain[0].id]
+        if ep_kernel.node is None:
+            return kernel, None
+        fn = absorb(ep_kernel.node)
+        if fn is None:
+            return kernel, None
+        return _Kernel(kernel.op, kernel.label, fn, tuple(getattr(fn, "inplace_slots", ())),
+                       kernel.needs_scope, kernel.node), chain[0]
 
     def _fusion_groups(self, ops: list[Op], keep: set[str]) -> dict[int, list[Op]]:
         """head op id -> its epilogue chain, for the epilogues safe to fuse (see module doc)."""

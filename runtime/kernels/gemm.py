@@ -163,7 +163,10 @@ def im2col(xp: np.ndarray, kernel: Sequence[int], strides: Sequence[int],
     if out is None:
         out = np.empty((n, groups, rows, cols), dtype=xp.dtype)
     view = window_view(xp, kernel, strides, dilations, out_spatial)
-    np.copyto(out.reshape(view.shape), view)
+    # Both sides as (N, groups, C/groups, *kernel, *out): axis splits only, so `out` may be a
+    # view with gaps between its groups (a column matrix with a row of ones under each).
+    split = (n, groups, c // groups) + tuple(kernel) + tuple(out_spatial)
+    np.copyto(out.reshape(split), view.reshape(split))
     return out
 
 

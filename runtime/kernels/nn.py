@@ -19,6 +19,7 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.runtime.kernels.conv import ConvAttrs, ConvPlan, conv
 from graphopt.runtime.kernels.elementwise import erf
+from graphopt.runtime.kernels.fused_activation import FusedActivation, fused_activation
 from graphopt.runtime.kernels.gemm import conv_out_spatial, conv_pads, pad_spatial, scratch
 from graphopt.runtime.kernels.registry import KernelNode, kernel, writes_into
 
@@ -47,18 +48,39 @@ def _conv(node: KernelNode):
     attrs = ConvAttrs.from_op(node.attr)
     w_const = node.consts[1] if node.n_inputs > 1 else None
     dtype = _compute_dtype(np.dtype(np.float64) if node.input_dtype(0) == 11 else np.float32)
-    plan = ConvPlan(attrs, w_const, dtype)
     b_const = node.consts[2] if node.n_inputs > 2 else None
-    bias = None if b_const is None else np.asarray(b_const, dtype=dtype)
+    has_bias = node.n_inputs > 2 and bool(node.op.inputs[2])
+    return _conv_kernel(attrs, w_const, b_const, has_bias, dtype, None)
+
+
+def _conv_kernel(attrs: ConvAttrs, w_const, b_const, has_bias: bool, dtype,
+                 activation: FusedActivation | None):
+    """The Conv closure; with `activation`, Conv and its fused activation epilogue in one
+    kernel (the activation's affine prefix folded into weights and bias, fused_activation.py).
+
+    Without one, the closure offers `absorb_activation(epilogue node)`: the session calls it
+    for a Conv whose fused epilogue chain starts with an activation and, when it returns a
+    kernel, runs that instead of the pair.
+    """
+    scale = activation.scale if activation is not None else 1.0
+    shift = activation.shift if activation is not None else 0.0
+    plan = ConvPlan(attrs, w_const, dtype, b_const, has_bias=has_bias, scale=scale, shift=shift)
 
     def run(x, w, b=None):
-        weights = plan.weights_for(w)
+        weights = plan.weights_for(w, b)
         geom = plan.geometry(x.shape, weights.w.shape)
         y = conv(np.asarray(x, dtype=dtype), weights, geom, out_dtype=dtype)
-        bb = bias if bias is not None else b
-        if bb is not None:
-            y += np.asarray(bb, dtype=dtype).reshape(_channel_shape(y))
+        if activation is not None:
+            activation.apply(y)
         return (y.astype(x.dtype, copy=False),)
+
+    if activation is None:
+        def absorb_activation(ep_node: KernelNode):
+            fused = fused_activation(ep_node)
+            if fused is None:
+                return None
+            return _conv_kernel(attrs, w_const, b_const, has_bias, dtype, fused)
+        run.absorb_activation = absorb_activation
     return run
 
 
