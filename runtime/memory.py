@@ -117,33 +117,41 @@ class LiveBuffers:
             for array in _arrays(value):
                 self._add_array(array)
 
+    # add/remove run for every value of every step: kept to plain attribute and dict work.
     def _add_array(self, array: np.ndarray) -> None:
-        while isinstance(array.base, np.ndarray):
-            array = array.base
+        base = array.base
+        while type(base) is np.ndarray or isinstance(base, np.ndarray):
+            array = base
+            base = array.base
         key = id(array)
         entry = self._owners.get(key)
         if entry is not None:
             entry[0] += 1
         elif key not in self._external:
-            self._owners[key] = [1, array.nbytes]
-            self.current += array.nbytes
+            nbytes = array.nbytes
+            self._owners[key] = [1, nbytes]
+            self.current += nbytes
             if self.current > self.peak:
                 self.peak = self.current
 
     def remove(self, value: Any) -> None:
         """An environment entry pointing at `value` was dropped."""
-        arrays = (value,) if type(value) is np.ndarray else _arrays(value)
-        for array in arrays:
-            while isinstance(array.base, np.ndarray):
-                array = array.base
-            key = id(array)
-            entry = self._owners.get(key)
-            if entry is None:
-                continue
-            entry[0] -= 1
-            if entry[0] == 0:
-                self.current -= entry[1]
-                del self._owners[key]
+        if type(value) is not np.ndarray:
+            for array in _arrays(value):
+                self.remove(array)
+            return
+        base = value.base
+        while type(base) is np.ndarray or isinstance(base, np.ndarray):
+            value = base
+            base = value.base
+        key = id(value)
+        entry = self._owners.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._owners[key]
 
     def references(self, array: np.ndarray) -> int:
         """How many environment entries point into the memory of `array` (external: a lot)."""

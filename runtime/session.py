@@ -438,16 +438,23 @@ def _reusable(args: list[Any], slots: tuple[int, ...], live: memory.LiveBuffers)
             if other is cand or other is None:
                 continue
             other_shape = other.shape if type(other) is np.ndarray else np.shape(other)
-            if other_shape != shape:
-                try:
-                    fits = np.broadcast_shapes(shape, other_shape) == shape
-                except ValueError:
-                    fits = False
-                if not fits:
-                    break
+            if other_shape != shape and not _broadcasts_into(other_shape, shape):
+                fits = False
+                break
         if fits:
             return cand
     return None
+
+
+def _broadcasts_into(small: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether `small` broadcasts to exactly `shape` (numpy's rules). Plain tuple arithmetic:
+    np.broadcast_shapes builds arrays and costs ~5 us, on every in-place decision."""
+    if len(small) > len(shape):
+        return False
+    for a, b in zip(reversed(small), reversed(shape)):
+        if a != b and a != 1:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
