@@ -302,12 +302,17 @@ class Graph:
 
     def remove_value(self, value: Value) -> None:
         """Remove a value that nothing produces or reads any longer."""
-        if self.nx.degree(value):
+        if not self.is_isolated(value):
             raise IRError(f"cannot remove value {value.name!r}: it still has a producer or users")
         if value.name in self.outputs or value.name in self.inputs:
             raise IRError(f"cannot remove value {value.name!r}: it is a graph input or output")
         self.nx.remove_node(value)
         del self.values[value.name]
+
+    def is_isolated(self, value: Value) -> bool:
+        """No producer and no readers (constant time, unlike networkx's degree, which counts
+        every reader: a constant shared by thousands of ops would make removals quadratic)."""
+        return not self.nx._succ[value] and not self.nx._pred[value]
 
     def value(self, name: str) -> Value:
         try:
@@ -461,10 +466,10 @@ class Graph:
         op.graph = None
         if prune:
             for value in outs:
-                if not self.nx.degree(value) and not self.is_output(value):
+                if self.is_isolated(value) and not self.is_output(value):
                     self.remove_value(value)
             for value in ins:
-                if (value.is_const or value.outer) and not self.nx.degree(value) \
+                if (value.is_const or value.outer) and self.is_isolated(value) \
                         and not self.is_output(value) and not self.is_input(value):
                     self.remove_value(value)
 
@@ -506,7 +511,7 @@ class Graph:
                         inner_old = sub.values[old.name]
                         inner_new = sub._resolve_outer(new.name)
                         sub.replace_all_uses(inner_old, inner_new)
-                        if not sub.nx.degree(inner_old) and not sub.is_output(inner_old):
+                        if sub.is_isolated(inner_old) and not sub.is_output(inner_old):
                             sub.remove_value(inner_old)
                         elif sub.is_output(inner_old):
                             sub.outputs = [new.name if n == old.name else n for n in sub.outputs]
@@ -526,7 +531,7 @@ class Graph:
         """
         self.replace_all_uses(old, new)
         if not self.is_output(old):
-            if not self.nx.degree(old) and not self.is_input(old):
+            if self.is_isolated(old) and not self.is_input(old):
                 self.remove_value(old)
             return True
         movable = (self.producer(new) is not None and not self.is_input(new)
@@ -545,7 +550,7 @@ class Graph:
 
     def remove_value_force(self, value: Value) -> None:
         """Drop a value node that has no edges, even if a (renamed-away) output list names it."""
-        if self.nx.degree(value):
+        if not self.is_isolated(value):
             raise IRError(f"cannot remove value {value.name!r}: it still has a producer or users")
         self.nx.remove_node(value)
         del self.values[value.name]

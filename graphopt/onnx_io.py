@@ -408,7 +408,7 @@ def _graph_proto(graph: Graph) -> onnx.GraphProto:
     for value in graph.values.values():
         if value.outer or value.name in inputs_outputs or value.is_const:
             continue
-        if not graph.nx.degree(value):
+        if graph.is_isolated(value):
             continue
         if value.value_info_proto is not None or (value.dtype and value.shape is not None):
             gp.value_info.append(_value_info(value))

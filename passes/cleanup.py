@@ -47,11 +47,11 @@ class DeadCodeElimination(Pass):
             else:
                 result.count("optional_outputs_dropped", _drop_unused_optional_outputs(graph, op))
         for value in list(graph.values.values()):
-            if value.is_const and not graph.nx.degree(value) and not graph.is_output(value) \
+            if value.is_const and graph.is_isolated(value) and not graph.is_output(value) \
                     and not graph.is_input(value):
                 graph.remove_value(value)
                 result.count("constants_removed")
-            elif value.outer and not graph.nx.degree(value) and not graph.is_output(value):
+            elif value.outer and graph.is_isolated(value) and not graph.is_output(value):
                 graph.remove_value(value)  # the owner's implicit inputs shrink: a change
                 result.count("outer_references_removed")
         return result
@@ -236,7 +236,7 @@ def _merge_duplicate_constants(graph: Graph) -> int:
             by_content[key] = value
             continue
         graph.replace_all_uses(value, first)
-        if not graph.nx.degree(value):
+        if graph.is_isolated(value):
             graph.remove_value(value)
         merged += 1
     return merged

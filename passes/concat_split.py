@@ -402,7 +402,7 @@ def _read_pieces_from_concat(graph: Graph, op: Op, pieces: list[Piece], concat: 
     for old, new in zip(outs, new_values):
         if graph.has_users(old):
             substitute(graph, old, new)
-        elif old.name in graph.values and not graph.nx.degree(old):
+        elif old.name in graph.values and graph.is_isolated(old):
             graph.remove_value(old)
     remove_if_unused(graph, concat)
     result.count("concat_split_pairs_removed")
@@ -448,7 +448,7 @@ def _siblings_to_split(graph: Graph, source: Value, result: PassResult) -> None:
         for old, new in zip(outs, fresh):
             substitute(graph, old, new)
         for value in params:
-            if value.name in graph.values and value.is_const and not graph.nx.degree(value) \
+            if value.name in graph.values and value.is_const and graph.is_isolated(value) \
                     and not graph.is_input(value) and not graph.is_output(value):
                 graph.remove_value(value)
         result.count("slices_to_split", len(items))

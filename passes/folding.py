@@ -273,7 +273,7 @@ def _drop_orphaned_constants(graph: Graph) -> int:
     if graph.parent is not None or info is None or info.ir_version >= 4:
         return 0
     unused = [name for name in graph.inputs
-              if graph.values[name].is_const and not graph.nx.degree(graph.values[name])
+              if graph.values[name].is_const and graph.is_isolated(graph.values[name])
               and not graph.is_output(name)]
     for name in unused:
         graph.inputs.remove(name)

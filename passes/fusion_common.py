@@ -136,7 +136,7 @@ def set_inputs(graph: Graph, op: Op, inputs: list[str]) -> None:
 
 def _drop_if_orphaned(graph: Graph, name: str) -> None:
     value = graph.values.get(name) if name else None
-    if value is not None and (value.is_const or value.outer) and not graph.nx.degree(value) \
+    if value is not None and (value.is_const or value.outer) and graph.is_isolated(value) \
             and not graph.is_output(value) and not graph.is_input(value):
         graph.remove_value(value)
 
@@ -164,19 +164,24 @@ def replace_ops(graph: Graph, old_ops: list[Op], old_out: str, new_out: str) -> 
     assert moved, "the new output is made by an op and is no graph input or output"
 
 
-def unique_op_name(graph: Graph, op: Op) -> str:
-    """`op`'s name, made non-empty and unique among the graph's ops if it was not (so that meta
-    that points at the op by name, such as graphopt.fuse_into, is unambiguous)."""
-    clashes = [other for other in graph.ops.values() if other.name == op.name]
-    if op.name and clashes == [op]:
-        return op.name
-    taken = {other.name for other in graph.ops.values()}
-    base = op.name or op.op_type
-    name = graph.fresh_name(base)
-    while name in taken:
-        name = graph.fresh_name(base)
-    op.name = name
-    return name
+def unique_op_names(graph: Graph, ops: list[Op]) -> dict[int, str]:
+    """Make each op's name non-empty and unique among the graph's ops (so that meta that points
+    at an op by name, such as graphopt.fuse_into, is unambiguous); {op id: name}. One scan of the
+    graph for the whole batch, so marking n heads stays linear."""
+    counts: dict[str, int] = {}
+    for other in graph.ops.values():
+        counts[other.name] = counts.get(other.name, 0) + 1
+    names: dict[int, str] = {}
+    for op in ops:
+        if not op.name or counts.get(op.name, 0) > 1:
+            counts[op.name] = counts.get(op.name, 1) - 1
+            name = graph.fresh_name(op.name or op.op_type)
+            while name in counts:
+                name = graph.fresh_name(op.op_type)
+            op.name = name
+            counts[name] = 1
+        names[op.id] = op.name
+    return names
 
 
 def copy_type(graph: Graph, src: str, dst: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from graphopt.ir import Graph, Op
 from graphopt.pass_manager import Pass, PassContext, PassResult
-from graphopt.passes.fusion_common import is_onnx, other_input, sole_reader, unique_op_name
+from graphopt.passes.fusion_common import is_onnx, other_input, sole_reader, unique_op_names
 
 FUSE_META = "graphopt.fuse_into"
 EPILOGUE_META = "graphopt.epilogue"
@@ -93,8 +93,9 @@ class FuseEpilogues(Pass):
                 continue
             claimed.update(ep.id for ep in chain)
             marked.append((op, chain))
+        names = unique_op_names(graph, [head for head, _ in marked])
         for head, chain in marked:
-            name = unique_op_name(graph, head)
+            name = names[head.id]
             head.meta[EPILOGUE_META] = "+".join(ep.op_type for ep in chain)
             for ep in chain:
                 ep.meta[FUSE_META] = name

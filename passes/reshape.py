@@ -790,12 +790,12 @@ def _apply_absorption(graph: Graph, first: Op, last: Op, rewrites: list) -> None
     source = graph.values[first.inputs[0]]
     out = graph.values[last.outputs[0]]
     transpose = graph.producer_op(last.inputs[0])
+    # Readers move first: the ops' removal then prunes only what nothing reads (the shuffle's
+    # output may already have lost its readers earlier in the same round).
+    graph.replace_all_uses(out, source)
     graph.remove_op(last, prune=True)
     graph.remove_op(transpose, prune=True)
     graph.remove_op(first, prune=True)
-    graph.replace_all_uses(out, source)
-    if out.name in graph.values and not graph.nx.degree(out) and not graph.is_output(out):
-        graph.remove_value(out)
 
 
 #: The family's passes, in the order the O2 pipeline runs them.

@@ -439,7 +439,7 @@ def _sink(graph: Graph, op: Op, perm: Perm, result: PassResult) -> list[Op]:
     for t in inputs.transposes.values():
         remove_if_unused(graph, t)
     for value in old_inputs:
-        if value.name in graph.values and value.is_const and not graph.nx.degree(value) \
+        if value.name in graph.values and value.is_const and graph.is_isolated(value) \
                 and not graph.is_input(value) and not graph.is_output(value):
             graph.remove_value(value)
     result.count("transposes_sunk")

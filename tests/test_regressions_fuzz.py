@@ -57,10 +57,6 @@ def test_unsqueeze_then_squeeze_of_the_same_axes_is_the_identity(opset, axes, sh
     _assert_clean(model, feeds, ("O2", "runtime-O2"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "channel_shuffle (passes/reshape.py _apply_absorption) removes the shuffle's last Reshape "
-    "with prune=True, which deletes its output when nothing reads it any more, then calls "
-    "replace_all_uses on that deleted value: NetworkXError"))
 @pytest.mark.parametrize("concat_axis, pieces", [(3, 2), (0, 3)])
 def test_channel_shuffle_whose_output_died_in_the_same_round(concat_axis, pieces):
     """Fuzz seeds 3430, 3542: a channel shuffle read only by a Concat that a Split undoes. In the

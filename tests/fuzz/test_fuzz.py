@@ -29,10 +29,7 @@ OPTIMIZER_STAGES = ("O1", "O2", "O3")
 RUNTIME_STAGES = ("runtime", "runtime-O2")
 
 #: seed -> (stages it fails in, reason); see tests/test_regressions_fuzz.py for each bug.
-KNOWN: dict[int, tuple[tuple[str, ...], str]] = {
-    21: (("O2",), "channel_shuffle crashes when the shuffle's output died in the same round "
-                  "(test_channel_shuffle_whose_output_died_in_the_same_round, passes/reshape.py)"),
-}
+KNOWN: dict[int, tuple[tuple[str, ...], str]] = {}
 
 
 @functools.lru_cache(maxsize=None)
