@@ -343,15 +343,5 @@ def plot(result: BenchResult, path: str) -> None:
         ax.set_title(f"op types ({backend})")
         ax.legend()
     fig.tight_layout()
-    import os
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".plot.", suffix=os.path.splitext(path)[1] or ".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from graphopt.fsutil import save_figure_atomic
+    save_figure_atomic(fig, path)

@@ -20,14 +20,14 @@ def parse_shape_options(items: Iterable[str] | None) -> dict[str, tuple[int, ...
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items or ():
         name, sep, dims = item.rpartition("=")
-        if not sep or not name:
-            raise UsageError(f"--shape {item!r}: expected NAME=D1,D2,...")
         try:
-            shapes[name] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
         except ValueError:
-            raise UsageError(f"--shape {item!r}: dims must be integers") from None
-        if any(d < 0 for d in shapes[name]):
-            raise UsageError(f"--shape {item!r}: dims must be non-negative")
+            shape = ()
+        if not sep or not name or not shape or any(d < 0 for d in shape):
+            raise UsageError(f"--shape {item!r}: expected NAME=D0,D1,... with non-negative "
+                             "integer dims, e.g. x=1,3,224,224")
+        shapes[name] = shape
     return shapes
 
 

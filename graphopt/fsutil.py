@@ -27,13 +27,38 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file through a temporary file and a rename, so it is never half-written."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file through a temporary file and a rename, so it is never half-written."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"{path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, **savefig_options) -> None:
+    """Save a matplotlib figure through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    folder = target.resolve().parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig_options)
+        os.replace(tmp, target)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

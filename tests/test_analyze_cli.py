@@ -119,7 +119,7 @@ def test_example_input_fixes_the_shape(tmp_path, model_path, capsys):
     assert code == 0
     assert json.loads(out.read_text())["model"]["input_shapes"] == {"x": [3, 3, 8, 8]}
     code, _, err = run_cli(capsys, "analyze", model_path, "--input", "x=/nonexistent.npy")
-    assert code == 2 and "cannot read /nonexistent.npy" in err
+    assert code == 2 and "no such file /nonexistent.npy" in err
 
 
 def test_target_models_another_cpu(tmp_path, model_path, capsys):

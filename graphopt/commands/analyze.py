@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import graphopt
-    from graphopt.machine import detect_machine, modeled_machine
-
     from graphopt.errors import UsageError
-    from graphopt.machine import TARGETS
+    from graphopt.feeds import load_feed_files, parse_shape_options
+    from graphopt.fsutil import write_bytes_atomic
+    from graphopt.machine import TARGETS, detect_machine, modeled_machine
 
     if args.target not in TARGETS:
         raise UsageError(f"unknown --target {args.target!r} (choose from {', '.join(TARGETS)})")
-    shapes = parse_shapes(args.shape)
-    examples = load_inputs(args.input)
+    shapes = parse_shape_options(args.shape)
+    examples = load_feed_files(args.input)
     if args.top < 0 or args.runs < 1:
         raise UsageError("--top must be >= 0 and --runs >= 1")
     if args.plot:
@@ -108,52 +106,12 @@ def run(args: argparse.Namespace) -> int:
                      measure_runs=args.runs if args.measure else 0, path=args.model)
     print(render_text(report, top=args.top))
     if args.json:
-        _write_atomic(args.json, json.dumps(report, indent=1).encode())
+        write_bytes_atomic(args.json, json.dumps(report, indent=1).encode())
         print(f"\nwrote {args.json}")
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# options
-# ---------------------------------------------------------------------------------------------
-def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
-    """["x=1,3,224,224"] -> {"x": (1, 3, 224, 224)}; UsageError on anything else."""
-    from graphopt.errors import UsageError
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        name, sep, dims = item.rpartition("=")
-        try:
-            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or any(d < 0 for d in shape):
-            raise UsageError(f"--shape {item!r}: expected NAME=D0,D1,... with non-negative "
-                             "integer dims, e.g. x=1,3,224,224")
-        shapes[name] = shape
-    return shapes
-
-
-def load_inputs(items: list[str]) -> dict[str, Any]:
-    """["x=x.npy"] -> {"x": array}."""
-    import numpy as np
-
-    from graphopt.errors import UsageError
-
-    feeds: dict[str, Any] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(f"--input {item!r}: expected NAME=FILE.npy")
-        try:
-            feeds[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--input {name}: cannot read {path}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    return feeds
 
 
 def _require_matplotlib() -> None:
@@ -163,23 +121,6 @@ def _require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install graphopt[plot]") from None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    from graphopt.errors import UsageError
-    if not directory.is_dir():
-        raise UsageError(f"{path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,14 +404,5 @@ def plot(report: dict, path: str) -> None:
     ax_shape.grid(True, which="both", alpha=0.2)
     fig.suptitle(Path(report["model"]["path"]).name or "model")
     fig.tight_layout()
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".",
-                               prefix=f".{target.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, target)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from graphopt.fsutil import save_figure_atomic
+    save_figure_atomic(fig, path, dpi=110)
