@@ -1,9 +1,12 @@
-"""Conv with a fused activation epilogue absorbed into the head kernel (runtime/kernels/
-fused_activation.py), and the bias riding along in every conv path (runtime/kernels/conv.py).
+"""The conv engine's speed paths, against onnxruntime:
 
-Each model is Conv(+bias) -> activation with the activation marked `graphopt.fuse_into` the Conv
-(what passes/fusion_epilogue.py writes); the graphopt Session must absorb it (no epilogue left in
-the step) and agree with onnxruntime on the same, unmarked model.
+- a fused activation epilogue absorbed into its Conv (runtime/kernels/fused_activation.py): each
+  model is Conv(+bias) -> activation with the activation marked `graphopt.fuse_into` the Conv
+  (what passes/fusion_epilogue.py writes); the Session must absorb it (no epilogue left in the
+  step) and agree with onnxruntime on the same model;
+- the bias riding along in every conv path (runtime/kernels/conv.py);
+- Winograd F(2x2, 3x3) (runtime/kernels/winograd.py) on odd sizes, pads, batches;
+- uniform filters give bitwise-equal channels.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ CONV_PATHS = {
     "depthwise_strided_multiplier": ({"pads": [1, 1, 1, 1], "group": 4, "strides": [2, 2]},
                                      (1, 4, 11, 9), (8, 1, 3, 3)),
     "shifted_gemm": ({"pads": [1, 1, 1, 1]}, (2, 5, 6, 20), (3, 5, 3, 3)),
+    "winograd": ({"pads": [1, 1, 1, 1]}, (2, 24, 15, 17), (32, 24, 3, 3)),
     "conv1d": ({"pads": [1, 1]}, (1, 3, 10), (4, 3, 3)),
 }
 
@@ -149,3 +153,34 @@ def test_unmarked_conv_is_not_absorbed():
     session = Session(model)
     assert len(session._program.plan(tuple(session.outputs)).steps) == 2
     assert _rel_l2(session.run(feeds)["y"], run_ort(model, feeds)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("attrs,xs,ws", [
+    ({"pads": [1, 1, 1, 1]}, (1, 32, 14, 14), (24, 32, 3, 3)),          # even, square
+    ({"pads": [0, 0, 0, 0]}, (1, 24, 17, 16), (30, 24, 3, 3)),          # no pads, odd output
+    ({"pads": [2, 1, 0, 3]}, (2, 25, 13, 19), (24, 25, 3, 3)),          # asymmetric pads
+    ({"auto_pad": "SAME_UPPER"}, (1, 24, 16, 15), (28, 24, 3, 3)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_matches_onnxruntime(attrs, xs, ws, bias):
+    from graphopt.runtime.kernels.winograd import use_winograd
+    model, feeds = _model(attrs, xs, ws, "Relu", bias=bias)
+    session = Session(model)
+    out_spatial = session.run(feeds)["y"].shape[2:]
+    assert use_winograd(xs[1], ws[0], out_spatial)                     # the path under test
+    _check(model, feeds, absorbed=True)
+
+
+def test_uniform_filters_give_equal_channels():
+    """Equal filters (constant-filled weights) must give bitwise-equal channels (plus each
+    channel's bias), whatever rows the GEMM rounds differently."""
+    rng = np.random.default_rng(RNG_SEED)
+    x = (rng.standard_normal((1, 64, 9, 9)) * 1e4).astype(np.float32)
+    for ws, attrs in (((1000, 64, 1, 1), {}), ((40, 64, 3, 3), {"pads": [1, 1, 1, 1]})):
+        w = np.full(ws, 0.02, np.float32)
+        b = np.full(ws[0], 0.5, np.float32)
+        nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], **attrs)]
+        model = make_model(nodes, [("x", list(x.shape))], [("y", None)], [("W", w), ("B", b)])
+        y = Session(model).run({"x": x})["y"]
+        assert np.array_equal(y, np.broadcast_to(y[:, :1], y.shape))
+        assert _rel_l2(y, run_ort(model, {"x": x})[0]) <= 1e-5
