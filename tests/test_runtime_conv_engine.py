@@ -32,6 +32,8 @@ CONV_PATHS = {
     "im2col_grouped_strided": ({"pads": [1, 1, 1, 1], "group": 2, "strides": [2, 2]},
                                (1, 6, 9, 8), (4, 3, 3, 3)),
     "depthwise": ({"pads": [2, 2, 2, 2], "group": 6}, (2, 6, 9, 8), (6, 1, 5, 5)),
+    "depthwise_rows": ({"pads": [1, 1, 1, 1], "group": 6}, (2, 6, 9, 8), (12, 1, 3, 3)),
+    "depthwise_rows_top_pads": ({"pads": [2, 0, 0, 2], "group": 5}, (1, 5, 7, 6), (5, 1, 3, 3)),
     "depthwise_strided_multiplier": ({"pads": [1, 1, 1, 1], "group": 4, "strides": [2, 2]},
                                      (1, 4, 11, 9), (8, 1, 3, 3)),
     "shifted_gemm": ({"pads": [1, 1, 1, 1]}, (2, 5, 6, 20), (3, 5, 3, 3)),
@@ -137,7 +139,8 @@ def test_clip_opset_6_attributes_are_absorbed():
     _check(model, feeds, absorbed=True)
 
 
-@pytest.mark.parametrize("path", ["im2col", "im2col_grouped_strided", "depthwise", "shifted_gemm"])
+@pytest.mark.parametrize("path", ["im2col", "im2col_grouped_strided", "depthwise",
+                                  "depthwise_rows", "shifted_gemm"])
 def test_bias_in_blocked_paths(monkeypatch, path):
     """Tiny block budgets: the bias column / crop-and-bias in every tile."""
     monkeypatch.setattr(conv_engine, "IM2COL_TILE_BYTES", 512)
