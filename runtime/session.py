@@ -40,7 +40,15 @@ the epilogue is one of the ops above and its kernel accepts `out=` on the slot r
 the chained value has exactly that one reader and is neither a graph output nor a requested
 output, and the head has a single output; otherwise the ops run unfused. At run time an epilogue
 whose output would not fit the buffer (broadcast to a larger shape, another dtype) allocates
-instead.
+instead. When the chain starts with an activation and the head's kernel offers
+`absorb_activation` (Conv does, kernels/fused_activation.py), the head applies it itself: it
+folds the activation's affine prefix into its weights and bias at build time (HardSwish then
+costs 3 passes instead of 4, HardSigmoid 1 instead of 3), and the activation leaves the
+epilogue list (its time shows under the head in profiles).
+
+Allocator: the first Session of a process raises glibc malloc's mmap and trim thresholds
+(memory.tune_allocator; GRAPHOPT_MALLOC_TUNING=0 turns it off), so that a run's large
+activations are reused from the heap instead of being page-faulted in again on every run.
 
 Profiling (`profile=True`): each kernel call is timed with time.perf_counter and accumulated per
 op across runs in `session.profile` (runtime/profile.py); a control-flow op's time includes its

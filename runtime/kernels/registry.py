@@ -26,6 +26,9 @@ Optional capabilities, marked by attributes on the closure (a kernel without the
   output's (broadcast) shape. Fused epilogues (op meta `graphopt.fuse_into`) use the same hook.
 - `fn.needs_scope = True`: `fn` takes a keyword `scope=` (name -> value of the calling graph's
   environment), for control flow running subgraphs that read outer-scope values.
+- `fn.absorb_activation(node) -> KernelFn | None`: a head kernel (Conv) that can apply a fused
+  activation epilogue itself; given the activation's KernelNode it returns a kernel computing
+  head + activation with the head's inputs, or None when it cannot (fused_activation.py).
 """
 
 from __future__ import annotations
