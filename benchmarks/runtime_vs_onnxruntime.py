@@ -122,7 +122,8 @@ def bench(name: str, runs: int, warmup: int, profile: bool, o2: bool) -> dict | 
             for _ in range(max(3, runs // 4)):
                 prof.run({feed_name: x})
             level = "as loaded" if key == "graphopt" else "after O2"
-            print(f"\n{name} ({level}) — graphopt time by op type\n{prof.profile.table(top=15)}\n")
+            table = prof.profile.table(top=15)
+            print(f"\n{name} ({level}) — graphopt time by op type\n{table}\n")
     return row
 
 
@@ -137,7 +138,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [r for r in (bench(m, max(args.runs, 1), args.warmup, args.profile, args.o2)
                         for m in args.models.split(",")) if r]
-    groups = [("loaded", "graphopt as loaded")] + ([("o2", "graphopt after O2")] if args.o2 else [])
+    groups = [("loaded", "graphopt as loaded")]
+    if args.o2:
+        groups.append(("o2", "graphopt after O2"))
     head = f"{'':<12}{'':<14}{'onnxruntime':>12}"
     sub = f"{'model':<12}{'input':<14}{'ms':>12}"
     for _, title in groups:
