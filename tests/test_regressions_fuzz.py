@@ -104,12 +104,10 @@ def test_runtime_unary_on_a_0d_tensor(op_type):
     _assert_clean(model, {"x": np.array(0.3, np.float32)}, ("runtime",))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Gelu(approximate='tanh') on a 0-d input: x * x is a numpy scalar, so np.tanh(inner, "
-    "out=inner) raises (runtime/kernels/nn.py _gelu)"))
 def test_runtime_tanh_gelu_on_a_0d_tensor():
     """Fuzz seed 33307: a tanh-form GELU written out over a 0-d mean; O2 fuses it into
-    Gelu(approximate="tanh") (raising the opset to 20) and the runtime crashed on it."""
+    Gelu(approximate="tanh") (raising the opset to 20) and the runtime crashed on it. Fixed in
+    runtime/kernels/nn.py: the tanh form computes into an array, never a numpy scalar."""
     model = make_model([helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")],
                        [("x", [])], [("y", [])], opset=20, ir_version=9)
     _assert_clean(model, {"x": np.array(0.3, np.float32)}, ("runtime",))

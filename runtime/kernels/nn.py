@@ -615,7 +615,8 @@ def _gelu(node: KernelNode):
     @writes_into(0)
     def run(x, out=None):
         if approximate == "tanh":
-            inner = x * x
+            # Into an array even for a 0-d x (x * x would be a numpy scalar: no out= for tanh).
+            inner = np.multiply(x, x, out=np.empty_like(x))
             inner *= 0.044715
             inner += 1.0
             inner *= x
