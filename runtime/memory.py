@@ -20,7 +20,7 @@ import ctypes
 import os
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -193,6 +193,36 @@ def release_plan(step_reads: Sequence[Iterable[str]], step_writes: Sequence[Iter
         if name in produced and name not in keep:
             releases[index].append(name)
     return [tuple(dict.fromkeys(r)) for r in releases]
+
+
+def static_live_bytes(step_writes: Sequence[Iterable[str]], releases: Sequence[Iterable[str]],
+                      nbytes: Callable[[str], int], reuses: Sequence[str | None] = ()
+                      ) -> list[int]:
+    """Per step, an estimate of the live intermediate bytes while it runs: everything alive
+    before it plus its outputs (`nbytes` per name, 0 when unknown), before its releases.
+
+    `reuses[i]`: the input whose buffer step i's output is expected to take (in place), or
+    None. From static sizes, so views are counted as new buffers (an overestimate); planning
+    uses it to compare alternatives, never as the real figure.
+    """
+    live = 0
+    profile = []
+    sizes: dict[str, int] = {}
+    for index, (writes, release) in enumerate(zip(step_writes, releases)):
+        reused = reuses[index] if index < len(reuses) else None
+        for name in writes:
+            if not name or name in sizes:
+                continue
+            if reused is not None and reused in sizes:
+                sizes[name] = sizes.pop(reused)     # the same buffer under a new name
+                reused = None
+                continue
+            sizes[name] = nbytes(name)
+            live += sizes[name]
+        profile.append(live)
+        for name in release:
+            live -= sizes.pop(name, 0)
+    return profile
 
 
 def inplace_candidates(reads: Sequence[str], dying: Iterable[str], owned: set[str],

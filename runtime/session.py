@@ -46,6 +46,19 @@ folds the activation's affine prefix into its weights and bias at build time (Ha
 costs 3 passes instead of 4, HardSigmoid 1 instead of 3), and the activation leaves the
 epilogue list (its time shows under the head in profiles).
 
+Concat views (`concat_views=True`, runtime/concat_views.py): a default-domain Concat with static
+shapes gets its output buffer before its inputs exist, and the steps producing its inputs write
+straight into their slices of it (kernels declaring `view_layout`, registry.py: Conv, MaxPool,
+AveragePool, BatchNormalization and the ufunc-based elementwise ops; a fused group through its
+head, its epilogues then running in place on the slice). Only an input nothing else reads
+qualifies, and only where allocating the buffer that early does not raise the estimated peak
+of live bytes. The buffer is allocated when the first such producer runs, counted once, and
+becomes the Concat's output; the Concat step copies only the inputs not already in place.
+Static shapes come from the graph's values, or from shape inference run at plan time (the
+graph's values are left as they were). `Session.concat_views` lists the plan's placements,
+`Session.written_in_place` those the last run made (a producer whose inputs do not have the
+planned shapes, or whose kernel declines the slice, is copied as before).
+
 Allocator: the first Session of a process raises glibc malloc's mmap and trim thresholds
 (memory.tune_allocator; GRAPHOPT_MALLOC_TUNING=0 turns it off), so that a run's large
 activations are reused from the heap instead of being page-faulted in again on every run.
@@ -57,6 +70,7 @@ subgraphs.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -69,7 +83,8 @@ import onnx
 
 from graphopt.errors import GraphoptError, UnsupportedOpError, UsageError
 from graphopt.ir import IMPLICIT, Graph, Op, onnx_to_np_dtype
-from graphopt.runtime import memory
+from graphopt.runtime import concat_views, memory
+from graphopt.runtime.concat_views import ConcatBuffers, ConcatTarget, Placement, StepInfo
 from graphopt.runtime.kernels import registry
 from graphopt.runtime.kernels.registry import KernelFn, KernelNode
 from graphopt.runtime.profile import Profile
@@ -80,6 +95,9 @@ FUSE_META = "graphopt.fuse_into"
 EPILOGUE_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
                           "Tanh", "Add", "Sum"})
 
+
+#: Serializes `GraphProgram._infer_types`, which changes a graph's value types for a moment.
+_INFER_LOCK = threading.Lock()
 
 #: Ops never evaluated at build time even when their inputs are constant.
 _NEVER_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -128,6 +146,8 @@ class _Step:
     release: tuple[str, ...] = ()
     inplace: tuple[int, ...] = ()   # slots whose (dying) buffer may take the output
     epilogues: tuple[_Epilogue, ...] = ()
+    place: Placement | None = None          # writes its output into a Concat's buffer
+    concat: ConcatTarget | None = None      # a Concat whose buffer its producers fill
 
 
 @dataclass
@@ -135,6 +155,8 @@ class _Plan:
     steps: list[_Step]
     outputs: tuple[str, ...]
     fused: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    #: (Concat label, inputs its producers write in place), as planned.
+    concat_views: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +192,7 @@ class GraphProgram:
         self._const_owner_ids = {id(memory.owner_of(a)) for a in self.consts.values()
                                  if isinstance(a, np.ndarray)}
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._inferred: dict[str, tuple[int, Any]] | None = None   # see _static_type
 
     # -- build -------------------------------------------------------------------------------
     def _build_kernels(self) -> None:
@@ -305,7 +328,101 @@ class GraphProgram:
             if self.services.inplace and not step.epilogues and step.kernel.inplace_slots:
                 step.inplace = memory.inplace_candidates(step.inputs, release, owned,
                                                          step.kernel.inplace_slots)
-        return _Plan(steps, outputs, fused)
+        placed = self._place_concat_inputs(steps, reads, writes, releases, set(outputs)) \
+            if self.services.concat_views else []
+        return _Plan(steps, outputs, fused, placed)
+
+    # -- Concat views (concat_views.py) --------------------------------------------------------
+    def _place_concat_inputs(self, steps: list[_Step], reads: list[list[str]],
+                             writes: list[list[str]], releases: list[tuple[str, ...]],
+                             keep: set[str]) -> list[tuple[str, tuple[str, ...]]]:
+        """Mark the steps that write into a Concat's buffer and the Concats they fill; returns
+        (Concat label, placed input names) per Concat."""
+        infos = []
+        for step, step_reads in zip(steps, reads):
+            fn = step.kernel.fn
+            layout = None if step.kernel.needs_scope else getattr(fn, "view_layout", None)
+            head = step.kernel.op.outputs[0] if step.outputs != step.kernel.op.outputs else None
+            infos.append(StepInfo(step.kernel.op, step.outputs, step_reads, layout, head))
+        labels = {step.kernel.op.id: step.kernel.label for step in steps}
+
+        def plan_views() -> concat_views.ConcatPlan:
+            live = memory.static_live_bytes(writes, releases, self._static_nbytes,
+                                            [self._reused_input(step) for step in steps])
+            return concat_views.plan_concat_views(self.graph, infos, keep, self._static_type,
+                                                  self.consts, labels, live)
+        views = plan_views()
+        if views.missing_shapes and self._inferred is None and self.graph.parent is None:
+            self._inferred = self._infer_types()
+            views = plan_views()
+        for index, placement in views.producers.items():
+            steps[index].place = placement
+        placed: list[tuple[str, tuple[str, ...]]] = []
+        for index, target in views.concats.items():
+            steps[index].concat = target
+            names = [steps[i].outputs[0] for i, p in views.producers.items() if p.target is target]
+            order = steps[index].inputs
+            placed.append((target.label, tuple(sorted(names, key=order.index))))
+        return placed
+
+    def _static_type(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        """(shape, dtype) of a value whose shape is fully static: a weight's, the graph's, or
+        from shape inference (`_infer_types`), else None."""
+        array = self.consts.get(name)
+        if isinstance(array, np.ndarray):
+            return array.shape, array.dtype
+        value = self.graph.values.get(name)
+        if value is None:
+            return None
+        dtype, shape = value.dtype, value.shape
+        if not _static(shape) and self._inferred is not None and name in self._inferred:
+            dtype, shape = self._inferred[name]
+        if not _static(shape) or not dtype:
+            return None
+        try:
+            return tuple(shape), np.dtype(onnx_to_np_dtype(dtype))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _reused_input(self, step: _Step) -> str | None:
+        """The dying input whose buffer the step's output will likely take in place: the
+        first in-place candidate that passes `_reusable`'s shape test on static shapes."""
+        if not step.inplace or len(step.outputs) != 1:
+            return None
+        shapes = []
+        for name in step.inputs:
+            found = self._static_type(name) if name else None
+            if name and found is None:
+                return None
+            shapes.append(found[0] if found else None)
+        for slot in step.inplace:
+            shape = shapes[slot]
+            if all(other is None or i == slot or other == shape
+                   or _broadcasts_into(other, shape) for i, other in enumerate(shapes)):
+                return step.inputs[slot]
+        return None
+
+    def _static_nbytes(self, name: str) -> int:
+        found = self._static_type(name)
+        return 0 if found is None else math.prod(found[0]) * found[1].itemsize
+
+    def _infer_types(self) -> dict[str, tuple[int, Any]]:
+        """name -> (onnx dtype, shape) from graphopt.shapes.infer_shapes, without changing the
+        graph: the values' types are put back as they were (the graph may be the caller's)."""
+        from graphopt.shapes import infer_shapes
+        values = self.graph.values
+        with _INFER_LOCK:   # plans made in two threads must not save each other's inference
+            saved = {name: (v.dtype, v.shape) for name, v in values.items()}
+            try:
+                infer_shapes(self.graph)
+                return {name: (v.dtype, v.shape) for name, v in values.items()}
+            except Exception:   # inference is an optimization here; without it, Concats copy
+                return {}
+            finally:
+                for name, (dtype, shape) in saved.items():
+                    value = values.get(name)
+                    if value is not None:
+                        value.dtype, value.shape = dtype, shape
 
     def _absorb_activation(self, kernel: _Kernel, chain: list[Op]) -> tuple[_Kernel, Op | None]:
         """(kernel, absorbed op): when a fused chain starts with an activation and the head's
@@ -370,18 +487,35 @@ class GraphProgram:
         return self._const_owner_ids
 
     def execute(self, plan: _Plan, env: dict[str, Any], live: memory.LiveBuffers,
-                profile: Profile | None) -> None:
-        """Run the plan's steps over `env` (inputs, weights and outer values already in it)."""
+                profile: Profile | None, record: list | None = None) -> None:
+        """Run the plan's steps over `env` (inputs, weights and outer values already in it).
+        `record` collects (Concat label, inputs found in place) per Concat with views."""
         step = None
         add, remove = live.add, live.remove
+        buffers = ConcatBuffers(live, record) if plan.concat_views else None
         try:
             for step in plan.steps:
                 kernel = step.kernel
                 fn = kernel.fn
                 args = [env[n] if n else None for n in step.inputs]
-                out = _reusable(args, step.inplace, live) if step.inplace else None
+                view = buffers.view_for(step.place, env) \
+                    if step.place is not None and buffers is not None else None
+                if view is not None:
+                    out = view
+                else:
+                    out = _reusable(args, step.inplace, live) if step.inplace else None
                 if profile is not None:
                     start = time.perf_counter()
+                if step.concat is not None and buffers is not None:
+                    value, taken = buffers.finish(step.concat, step.inputs, args, fn)
+                    if profile is not None:
+                        profile.add(kernel.label, kernel.op.op_type, time.perf_counter() - start)
+                    env[step.outputs[0]] = value
+                    if not taken:   # else the buffer was counted when it was allocated
+                        add(value)
+                    for name in step.release:
+                        remove(env.pop(name, None))
+                    continue
                 if kernel.needs_scope:
                     results = fn(*args, scope=env)
                 elif out is not None:
@@ -391,7 +525,8 @@ class GraphProgram:
                 if profile is not None:
                     profile.add(kernel.label, kernel.op.op_type, time.perf_counter() - start)
                 if step.epilogues:
-                    env[step.outputs[0]] = self._run_epilogues(step, results[0], env, live, profile)
+                    env[step.outputs[0]] = self._run_epilogues(step, results[0], env, live,
+                                                               profile, view)
                 else:
                     for name, value in zip(step.outputs, results):
                         if name:
@@ -410,13 +545,16 @@ class GraphProgram:
                                 f"{type(exc).__name__}: {message}") from exc
 
     def _run_epilogues(self, step: _Step, buffer: Any, env: dict[str, Any],
-                       live: memory.LiveBuffers, profile: Profile | None) -> Any:
-        """Apply a fused epilogue chain in place on the head's output buffer."""
+                       live: memory.LiveBuffers, profile: Profile | None,
+                       view: np.ndarray | None = None) -> Any:
+        """Apply a fused epilogue chain in place on the head's output buffer. When the head
+        wrote into its Concat slice (`view`), the chain stays there: the plan checked that the
+        group's values all have the slice's shape, and the slice is this step's alone."""
         live.add(buffer)
         for ep in step.epilogues:
             args = [buffer if i == ep.slot else (env[n] if n else None)
                     for i, n in enumerate(ep.inputs)]
-            fits = _reusable(args, (ep.slot,), live) is not None
+            fits = buffer is view or _reusable(args, (ep.slot,), live) is not None
             start = time.perf_counter() if profile is not None else 0.0
             result = (ep.kernel.fn(*args, out=buffer) if fits else ep.kernel.fn(*args))[0]
             if profile is not None:
@@ -426,6 +564,10 @@ class GraphProgram:
                 live.remove(buffer)
                 buffer = result
         return buffer
+
+
+def _static(shape: Any) -> bool:
+    return shape is not None and all(type(d) is int and d >= 0 for d in shape)
 
 
 def _reusable(args: list[Any], slots: tuple[int, ...], live: memory.LiveBuffers) -> np.ndarray | None:
@@ -471,9 +613,10 @@ def _broadcasts_into(small: tuple[int, ...], shape: tuple[int, ...]) -> bool:
 class _Services:
     """What kernels may ask of the session at build time: building and running subgraphs."""
 
-    def __init__(self, inplace: bool, fuse: bool) -> None:
+    def __init__(self, inplace: bool, fuse: bool, concat_views: bool = True) -> None:
         self.inplace = inplace
         self.fuse = fuse
+        self.concat_views = concat_views
         # The buffer accounting of the run in progress, per thread: runs of one session in
         # several threads each keep their own (in-place decisions depend on it).
         self._local = threading.local()
@@ -545,7 +688,8 @@ class Session:
     """Runs a model with graphopt's numpy kernels. See the module docstring."""
 
     def __init__(self, model: Graph | str | os.PathLike | onnx.ModelProto | bytes,
-                 profile: bool = False, *, inplace: bool = True, fuse: bool = True) -> None:
+                 profile: bool = False, *, inplace: bool = True, fuse: bool = True,
+                 concat_views: bool = True) -> None:
         import graphopt.runtime.kernels  # noqa: F401  (registers every kernel)
         if isinstance(model, Graph):
             graph = model
@@ -554,7 +698,7 @@ class Session:
             graph = load(model)
         self.graph = graph
         memory.tune_allocator()   # once per process: no page faults on every run (memory.py)
-        self._services = _Services(inplace=inplace, fuse=fuse)
+        self._services = _Services(inplace=inplace, fuse=fuse, concat_views=concat_views)
         self._program = GraphProgram(graph, self._services)
         self.inputs = [self._spec(name) for name in graph.inputs
                        if name not in self._program.consts]
@@ -563,6 +707,9 @@ class Session:
         #: Peak bytes of live intermediate tensors during the last run (weights and graph inputs
         #: excluded; a buffer shared by views counted once).
         self.peak_bytes = 0
+        #: (Concat, inputs whose producers wrote them in place) for each Concat of the last run
+        #: that had views (`concat_views` for the plan).
+        self.written_in_place: list[tuple[str, tuple[str, ...]]] = []
         self._program.plan(tuple(self.outputs))   # plan errors surface at build time
 
     def _spec(self, name: str) -> InputSpec:
@@ -582,6 +729,12 @@ class Session:
         """(head op, epilogue ops) of each fused group in the plan for the graph's outputs."""
         return list(self._program.plan(tuple(self.outputs)).fused)
 
+    @property
+    def concat_views(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(Concat op, inputs its producers write straight into its output) in the plan for the
+        graph's outputs; `written_in_place` says which did in the last run."""
+        return list(self._program.plan(tuple(self.outputs)).concat_views)
+
     def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None
             ) -> dict[str, Any]:
         """Run the model; returns {output name: array}. `output_names` may name any value of
@@ -594,11 +747,13 @@ class Session:
         live = self._services.live   # this thread's
         live.reset(external=checked.values())
         live.add_external_ids(self._program.external_ids())
+        record: list[tuple[str, tuple[str, ...]]] = []
         with np.errstate(all="ignore"):   # inf/nan are values in ONNX, not warnings
-            self._program.execute(plan, env, live, self.profile)
+            self._program.execute(plan, env, live, self.profile, record)
         if self.profile is not None:
             self.profile.runs += 1
         self.peak_bytes = live.peak
+        self.written_in_place = record
         return {name: env[name] for name in names}
 
     def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:

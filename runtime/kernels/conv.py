@@ -26,6 +26,7 @@ the taps provably stays below 2**24.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,9 +198,12 @@ class ConvWeights:
 
 
 def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul = float_matmul,
-         out_dtype=np.float32, taps_exact: bool = True) -> np.ndarray:
+         out_dtype=np.float32, taps_exact: bool = True, out: np.ndarray | None = None
+         ) -> np.ndarray:
     """Convolution of x (N, C, *S) float32, plus `weights.bias` if it has one; returns
-    (N, C_out, *O) of out_dtype.
+    (N, C_out, *O) of out_dtype, written into `out` when it is given with that shape and dtype
+    (any layout; the paths below see C-contiguous arrays only: a non-contiguous `out` is filled
+    one batch item at a time when each item is contiguous, else through a copy).
 
     taps_exact: whether summing kernel taps in float32 is exact (always true for float data;
     integer callers pass whether taps * max|x*w| < 2**24).
@@ -217,7 +221,11 @@ def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul 
     if c_in != weights.w.shape[1] * groups:
         raise GraphoptError(f"Conv: input has {c_in} channels, weights expect "
                             f"{weights.w.shape[1] * groups} (group={groups})")
-    out = np.empty((n, weights.out_channels) + geom.out_spatial, dtype=out_dtype)
+    shape = (n, weights.out_channels) + geom.out_spatial
+    if out is None or out.shape != shape or out.dtype != out_dtype:
+        out = np.empty(shape, dtype=out_dtype)
+    elif not out.flags.c_contiguous:
+        return _conv_into_view(x, weights, geom, mm, out_dtype, taps_exact, out)
     if out.size == 0:
         return out
     if weights.bias is not None and mm is not float_matmul:
@@ -233,6 +241,22 @@ def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul 
         np.add(out[:, :1].copy(), bias, out=out)      # a copy: no overlap for numpy to buffer
         return out
     _dispatch(x, weights, geom, mm, taps_exact, out)
+    return out
+
+
+def _conv_into_view(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out_dtype,
+                    taps_exact: bool, out: np.ndarray) -> np.ndarray:
+    """`conv` into a non-contiguous `out` (a Concat slice at batch > 1): per batch item when
+    each `out[b]` is contiguous (the paths reshape `out`, which must stay a view), else into a
+    fresh array that is then copied."""
+    n = geom.batch
+    if n > 1 and out[0].flags.c_contiguous:
+        item = dataclasses.replace(geom, batch=1)
+        for b in range(n):
+            conv(x[b:b + 1], weights, item, mm=mm, out_dtype=out_dtype, taps_exact=taps_exact,
+                 out=out[b:b + 1])
+        return out
+    np.copyto(out, conv(x, weights, geom, mm=mm, out_dtype=out_dtype, taps_exact=taps_exact))
     return out
 
 

@@ -2,7 +2,9 @@
 comparisons and logic, variadic Sum/Max/Min/Mean, Where, Clip, Cast/CastLike.
 
 Kernels that can write their output into a dying input (`writes_into`, see registry.py) do so
-with numpy's `out=`, which is where most of the runtime's in-place savings come from. Every
+with numpy's `out=`, which is where most of the runtime's in-place savings come from. The
+ufunc-based ones also write into any strided `out=` (`writes_views`), such as their slice of a
+Concat's output; Where, PRelu and Sum/Max/Min/Mean do not (they expect `out` to be an input). Every
 kernel returns ndarrays (numpy ufuncs turn 0-d inputs into scalars; `_arr` turns them back).
 
 Speed: an elementwise kernel costs about one pass over its tensor per ufunc call, so the
@@ -21,7 +23,7 @@ import onnx
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import onnx_to_np_dtype
-from graphopt.runtime.kernels.registry import KernelNode, kernel, writes_into
+from graphopt.runtime.kernels.registry import KernelNode, kernel, writes_into, writes_views
 
 
 try:   # the ufunc itself, without np.clip's argument handling (numpy >= 2: numpy._core)
@@ -55,6 +57,7 @@ def _float_compute_dtype(dtype: np.dtype) -> np.dtype:
 def _register_ufunc(op_type: str, ufunc: Callable) -> None:
     @kernel(op_type)
     def factory(node: KernelNode):
+        @writes_views("strided")
         @writes_into(0)
         def run(x, out=None):
             return (_arr(ufunc(x, out=out)),)
@@ -79,6 +82,7 @@ def _unary(op_type: str, *, inplace: bool = True):
         def factory(node: KernelNode):
             f = build(node)
             if inplace:
+                @writes_views("strided")
                 @writes_into(0)
                 def run(x, out=None):
                     return (_arr(f(x, out)),)
@@ -327,6 +331,7 @@ def _binary(op_type: str, func: Callable, *, inplace: tuple[int, ...] = (0, 1)):
     def factory(node: KernelNode):
         align = _legacy_broadcast(node)
         if inplace:
+            @writes_views("strided")
             @writes_into(*inplace)
             def run(a, b, out=None):
                 if align is not None:
@@ -383,6 +388,7 @@ def _pow(node: KernelNode):
     if exponent is not None and exponent.size == 1 and exponent.ndim == 0:
         special = {2.0: np.square, 0.5: np.sqrt}.get(float(exponent))
 
+    @writes_views("strided")
     @writes_into(0)
     def run(a, b, out=None):
         if special is not None and a.dtype.kind == "f":
@@ -401,6 +407,7 @@ def _mod(node: KernelNode):
     fmod = bool(node.attr("fmod", 0))
     func = np.fmod if fmod else np.mod
 
+    @writes_views("strided")
     @writes_into(0, 1)
     def run(a, b, out=None):
         return (_arr(func(a, b, out=out)),)
@@ -414,6 +421,7 @@ def _bitshift(node: KernelNode):
     if direction not in ("LEFT", "RIGHT"):
         raise GraphoptError(f"BitShift direction must be LEFT or RIGHT, got {direction!r}")
 
+    @writes_views("strided")
     @writes_into(0)
     def run(a, b, out=None):
         return (_arr(func(a, b.astype(a.dtype, copy=False), out=out)),)
@@ -474,6 +482,7 @@ def _clip_6(node: KernelNode):
     low = node.attr("min", None)
     high = node.attr("max", None)
 
+    @writes_views("strided")
     @writes_into(0)
     def run(x, out=None):
         return (_clip(x, low, high, out),)
@@ -482,6 +491,7 @@ def _clip_6(node: KernelNode):
 
 @kernel("Clip", since=11)
 def _clip_11(node: KernelNode):
+    @writes_views("strided")
     @writes_into(0)
     def run(x, low=None, high=None, out=None):
         return (_clip(x, low, high, out),)

@@ -21,7 +21,7 @@ from graphopt.runtime.kernels.conv import ConvAttrs, ConvPlan, conv
 from graphopt.runtime.kernels.elementwise import erf
 from graphopt.runtime.kernels.fused_activation import FusedActivation, fused_activation
 from graphopt.runtime.kernels.gemm import conv_out_spatial, conv_pads, pad_spatial, scratch
-from graphopt.runtime.kernels.registry import KernelNode, kernel, writes_into
+from graphopt.runtime.kernels.registry import KernelNode, kernel, writes_into, writes_views
 
 
 def _str(value, default: str = "") -> str:
@@ -66,10 +66,13 @@ def _conv_kernel(attrs: ConvAttrs, w_const, b_const, has_bias: bool, dtype,
     shift = activation.shift if activation is not None else 0.0
     plan = ConvPlan(attrs, w_const, dtype, b_const, has_bias=has_bias, scale=scale, shift=shift)
 
-    def run(x, w, b=None):
+    @writes_views("items")
+    def run(x, w, b=None, out=None):
         weights = plan.weights_for(w, b)
         geom = plan.geometry(x.shape, weights.w.shape)
-        y = conv(np.asarray(x, dtype=dtype), weights, geom, out_dtype=dtype)
+        # `out` (a Concat slice) only when it has the compute dtype; conv() checks the shape.
+        target = out if out is not None and out.dtype == dtype and x.dtype == dtype else None
+        y = conv(np.asarray(x, dtype=dtype), weights, geom, out_dtype=dtype, out=target)
         if activation is not None:
             activation.apply(y)
         return (y.astype(x.dtype, copy=False),)
@@ -233,7 +236,8 @@ class _PoolGeometry:
                 slice(t * dl, t * dl + s * (o - 1) + 1, s)
                 for t, dl, s, o in zip(tap, self.dilations, self.strides, self.out))
 
-    def reduce_separable(self, x: np.ndarray, ufunc, identity) -> np.ndarray:
+    def reduce_separable(self, x: np.ndarray, ufunc, identity,
+                         out: np.ndarray | None = None) -> np.ndarray:
         """Window reduction (max or sum) of the unpadded input, one spatial axis at a time.
 
         A rectangular window's max/sum is the max/sum over rows of the max/sum over columns,
@@ -242,16 +246,21 @@ class _PoolGeometry:
         for which that position lies inside the input (the others see `identity`, which is
         what -inf / zero padding would contribute). Outer axes go first: their slices keep
         contiguous inner rows; the innermost axis, slow to read with a stride, comes last, on
-        the smallest array.
+        the smallest array. The last pass writes into `out` when given (any strides).
         """
         y = x
+        last = len(self.kernel) - 1
         for axis in range(len(self.kernel)):
             k, s, dl = self.kernel[axis], self.strides[axis], self.dilations[axis]
             o, b = self.out[axis], self.begin[axis]
             n_in = y.shape[2 + axis]
             shape = list(y.shape)
             shape[2 + axis] = o
-            z = np.full(shape, identity, dtype=y.dtype)
+            if axis == last and out is not None:
+                z = out
+                z[...] = identity
+            else:
+                z = np.full(shape, identity, dtype=y.dtype)
             lead = (slice(None),) * (2 + axis)
             for t in range(k):
                 shift = t * dl - b                       # input index = o * s + shift
@@ -291,14 +300,14 @@ def _max_pool(node: KernelNode):
     want_indices = node.n_outputs > 1 and bool(node.op.outputs[1])
     geoms: dict = {}
 
-    def run(x):
+    def run(x, out=None):
         geom = geoms.get(x.shape)
         if geom is None:
             geom = geoms[x.shape] = _PoolGeometry(node, x.shape)
         if not want_indices and geom.global_window:
-            return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True),)
+            return (np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True, out=out),)
         if not want_indices:
-            return (geom.reduce_separable(x, np.maximum, _lowest(x.dtype)),)
+            return (geom.reduce_separable(x, np.maximum, _lowest(x.dtype), out),)
         xp = pad_spatial(x, geom.begin, geom.end_ext, _lowest(x.dtype))
         y = None
         best = None
@@ -316,6 +325,8 @@ def _max_pool(node: KernelNode):
         if not want_indices:
             return (y,)
         return (y, _max_pool_indices(best, geom, x.shape, storage_order))
+    if not want_indices:
+        writes_views("strided")(run)
     return run
 
 
@@ -345,15 +356,21 @@ def _average_pool(node: KernelNode):
     include_pad = bool(node.attr("count_include_pad", 0))
     geoms: dict = {}
 
-    def run(x):
+    @writes_views("strided")
+    def run(x, out=None):
         geom = geoms.get(x.shape)
         if geom is None:
             geom = geoms[x.shape] = _PoolGeometry(node, x.shape)
             geom.divisor = (1.0 / geom.window_counts(include_pad)).astype(_compute_dtype(x.dtype))
         dtype = _compute_dtype(x.dtype)
         if geom.global_window:
-            return (spatial_mean(x),)
-        y = geom.reduce_separable(np.asarray(x, dtype=dtype), np.add, 0)
+            y = spatial_mean(x)
+            if out is None or out.dtype != y.dtype:
+                return (y,)
+            np.copyto(out, y)
+            return (out,)
+        target = out if out is not None and out.dtype == dtype == x.dtype else None
+        y = geom.reduce_separable(np.asarray(x, dtype=dtype), np.add, 0, target)
         y *= geom.divisor
         return (y.astype(x.dtype, copy=False),)
     return run
@@ -458,6 +475,7 @@ def _batch_norm(node: KernelNode):
             return tuple(outs[:max(1, node.n_outputs)])
         return run_train
 
+    @writes_views("strided")
     @writes_into(0)
     def run(x, scale, bias, mean, var, out=None):
         if const_affine is not None and x.dtype == np.float32:

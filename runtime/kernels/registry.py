@@ -24,6 +24,16 @@ Optional capabilities, marked by attributes on the closure (a kernel without the
   the output always has that input's dtype, so the session passes `out=inputs[slot]` only when
   that array dies at this op, is writeable, shares memory with no other live tensor, and has the
   output's (broadcast) shape. Fused epilogues (op meta `graphopt.fuse_into`) use the same hook.
+- `fn.view_layout = "strided"` (use `writes_views("strided")`): `fn` accepts a keyword `out=`
+  that is any array of its output's shape and dtype laid out as declared (below), typically a
+  view into a Concat's output buffer (session.py, "Concat views"). It writes its whole output
+  there and returns `out` itself; when it cannot (another compute dtype, say), it returns a fresh
+  array instead and the session copies. The output's shape must be a function of the inputs'
+  shapes and the op's attributes and constants (never of input values): the session passes the
+  view only when every input has the static shape the plan saw. Layouts, narrowest first
+  (`VIEW_LAYOUTS`): "contiguous" (C-contiguous only), "items" (each `out[i]` along axis 0 is
+  C-contiguous: a batch>1 Concat on the channel axis), "strided" (any strides whose innermost
+  axis is contiguous: numpy ufuncs). Unlike `inplace_slots`, `out` is not one of the inputs.
 - `fn.needs_scope = True`: `fn` takes a keyword `scope=` (name -> value of the calling graph's
   environment), for control flow running subgraphs that read outer-scope values.
 - `fn.absorb_activation(node) -> KernelFn | None`: a head kernel (Conv) that can apply a fused
@@ -114,6 +124,22 @@ def writes_into(*slots: int) -> Callable[[KernelFn], KernelFn]:
     """Mark a closure as accepting `out=` and name the input slots that may serve as `out`."""
     def mark(fn: KernelFn) -> KernelFn:
         fn.inplace_slots = tuple(slots)  # type: ignore[attr-defined]
+        return fn
+    return mark
+
+
+#: `out=` layouts a view-writing kernel may declare, narrowest first (see the module doc).
+VIEW_LAYOUTS = ("contiguous", "items", "strided")
+
+
+def writes_views(layout: str) -> Callable[[KernelFn], KernelFn]:
+    """Mark a closure as writing into any `out=` array of its output's shape and dtype with the
+    given layout (one of VIEW_LAYOUTS)."""
+    if layout not in VIEW_LAYOUTS:
+        raise ValueError(f"unknown view layout {layout!r}; one of {VIEW_LAYOUTS}")
+
+    def mark(fn: KernelFn) -> KernelFn:
+        fn.view_layout = layout  # type: ignore[attr-defined]
         return fn
     return mark
 
