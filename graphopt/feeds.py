@@ -15,6 +15,19 @@ from graphopt.errors import UsageError
 from graphopt.ir import Graph, Shape, onnx_to_np_dtype
 
 
+def feed_names(graph: Graph) -> list[str]:
+    """Inputs a caller must feed: graph inputs without an initializer (one with an initializer
+    has a default; before IR 4 every weight is listed that way)."""
+    return [name for name in graph.inputs if not graph.values[name].is_const]
+
+
+def name_list(names, limit: int = 8) -> str:
+    """Names for a one-line message: the first `limit`, then how many more."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def parse_shape_options(items: Iterable[str] | None) -> dict[str, tuple[int, ...]]:
     """`NAME=1,3,224,224` options into {name: shape}."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -38,8 +51,8 @@ def concrete_input_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]] | Non
     shapes = dict(shapes or {})
     unknown = set(shapes) - set(graph.inputs)
     if unknown:
-        raise UsageError(f"--shape names unknown input(s) {', '.join(sorted(unknown))}; "
-                         f"inputs are: {', '.join(graph.inputs)}")
+        raise UsageError(f"--shape names unknown input(s) {name_list(sorted(unknown))}; "
+                         f"inputs are: {name_list(feed_names(graph))}")
     result: dict[str, tuple[int, ...]] = {}
     for name in graph.inputs:
         value = graph.values[name]
@@ -110,5 +123,5 @@ def load_feed_files(items: Iterable[str] | None) -> dict[str, np.ndarray]:
 def check_feed_names(graph: Graph, feeds: dict[str, np.ndarray]) -> None:
     unknown = set(feeds) - set(graph.inputs)
     if unknown:
-        raise UsageError(f"unknown input name(s) {', '.join(sorted(unknown))}; the model's inputs "
-                         f"are: {', '.join(graph.inputs)}")
+        raise UsageError(f"unknown input name(s) {name_list(sorted(unknown))}; the model's inputs "
+                         f"are: {name_list(feed_names(graph))}")

@@ -82,6 +82,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import GraphoptError, UnsupportedOpError, UsageError
+from graphopt.feeds import name_list
 from graphopt.ir import IMPLICIT, Graph, Op, onnx_to_np_dtype
 from graphopt.runtime import concat_views, memory
 from graphopt.runtime.concat_views import ConcatBuffers, ConcatTarget, Placement, StepInfo
@@ -766,7 +767,7 @@ class Session:
         for name, value in feeds.items():
             spec = specs.get(name)
             if spec is None:
-                expected = ", ".join(specs) or "none"
+                expected = name_list(s.name for s in self.inputs if not s.has_default) or "none"
                 raise UsageError(f"unknown input {name!r}; the model's inputs are: {expected}")
             checked[name] = readonly(self._check_one(spec, value))
         for spec in self.inputs:

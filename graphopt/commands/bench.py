@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.bench import compare, plot
     from graphopt.errors import UsageError
-    from graphopt.feeds import check_feed_names, load_feed_files, parse_shape_options, synthetic_feeds
+    from graphopt.feeds import (check_feed_names, feed_names, load_feed_files, name_list,
+                                parse_shape_options, synthetic_feeds)
     from graphopt.fsutil import check_output_path, write_text_atomic
 
     if args.runs < 1 or args.threads < 1 or args.warmup < 0:
@@ -43,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
             check_output_path(path, inputs=(args.before, args.after))
     before = graphopt.load(args.before)
     after = graphopt.load(args.after)
-    if sorted(before.inputs) != sorted(after.inputs):
-        raise UsageError(f"the models have different inputs: {before.inputs} vs {after.inputs}")
+    if sorted(feed_names(before)) != sorted(feed_names(after)):
+        raise UsageError(f"the models have different inputs: {name_list(feed_names(before))} vs "
+                         f"{name_list(feed_names(after))}")
     if len(before.outputs) != len(after.outputs):
         raise UsageError("the models have a different number of outputs")
     given = load_feed_files(args.input)

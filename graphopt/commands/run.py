@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphopt.feeds import load_feed_files, parse_shape_options, synthetic_feeds
+    from graphopt.feeds import load_feed_files, name_list, parse_shape_options, synthetic_feeds
     from graphopt.onnx_io import load
     from graphopt.runtime import Session
 
@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     specs = {spec.name: spec for spec in session.inputs}
     for name in given:
         if name not in specs:
+            required = name_list(n for n, spec in specs.items() if not spec.has_default)
             raise UsageError(f"--input {name}: the model has no input {name!r}; its inputs are: "
-                             f"{', '.join(specs) or 'none'}")
+                             f"{required or 'none'}")
     feeds = dict(given)
     missing = [spec for spec in session.inputs if spec.name not in given and not spec.has_default]
     for spec in missing:
