@@ -3,7 +3,7 @@
 A pass is a small class with a `name` and `run(graph, ctx) -> PassResult`; it rewrites the IR and
 does no I/O. A pipeline is data: an ordered list of passes and `Fixpoint` groups (a group repeats
 until no pass in it changes anything). The manager times every pass, collects its stats, can
-disable passes by name, and verifies after each pass:
+disable passes by name (and enable opt-in ones), and verifies after each pass:
 
 - "structural": `Graph.check()` (IR invariants);
 - "numeric": the model runs before and after each pass on the same inputs (onnxruntime, the
@@ -61,11 +61,15 @@ class Pass:
     `recurse_subgraphs`: the manager also runs the pass on every If/Loop/Scan body (innermost
     first), so a pass written for one graph works on nested ones. `changes_numerics`: only
     quantization passes set it; numeric verification then uses their own tolerance.
+    `default_enabled`: False for opt-in passes (run only when named in `enable=`).
     """
 
     name: ClassVar[str] = "pass"
     recurse_subgraphs: ClassVar[bool] = True
     changes_numerics: ClassVar[bool] = False
+    #: False for passes in a pipeline that run only when asked for (`enable=`), e.g. a rewrite
+    #: that pays on some models and costs on others.
+    default_enabled: ClassVar[bool] = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -164,17 +168,19 @@ class PassManager:
     """Runs a pipeline over a graph; see the module docstring."""
 
     def __init__(self, pipeline: Sequence[PipelineItem], *, disable: Iterable[str] = (),
-                 verify: str = "off", verify_feeds: dict[str, np.ndarray] | None = None,
+                 enable: Iterable[str] = (), verify: str = "off", verify_feeds: dict[str, np.ndarray] | None = None,
                  rtol: float = 1e-4, atol: float = 1e-5,
                  context: PassContext | None = None) -> None:
         if verify not in VERIFY_MODES:
             raise GraphoptError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}", 2)
         self.pipeline = list(pipeline)
         self.disabled = set(disable)
-        unknown = self.disabled - set(self.pass_names())
-        if unknown:
-            raise GraphoptError(f"cannot disable unknown pass(es): {', '.join(sorted(unknown))}; "
-                                f"passes are: {', '.join(self.pass_names())}", 2)
+        self.enabled = set(enable)
+        for verb, names in (("disable", self.disabled), ("enable", self.enabled)):
+            unknown = names - set(self.pass_names())
+            if unknown:
+                raise GraphoptError(f"cannot {verb} unknown pass(es): {', '.join(sorted(unknown))};"
+                                    f" passes are: {', '.join(self.pass_names())}", 2)
         self.verify = verify
         self.verify_feeds = verify_feeds
         self.rtol, self.atol = rtol, atol
@@ -222,7 +228,8 @@ class PassManager:
                         break
                     changed_any = True
                 continue
-            if item.name in self.disabled:
+            if item.name in self.disabled or (not item.default_enabled
+                                               and item.name not in self.enabled):
                 continue
             ops_before = graph.count_ops(recursive=True)
             t0 = time.perf_counter()

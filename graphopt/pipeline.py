@@ -66,6 +66,21 @@ def build_pipeline(level: str) -> list[PipelineItem]:
     return []
 
 
+def opt_in_passes(level: str) -> list[str]:
+    """Names of the level's passes that run only when enabled by name."""
+    manager = PassManager(build_pipeline(level))
+    found: dict[str, None] = {}
+
+    def walk(items) -> None:
+        for item in items:
+            if isinstance(item, Fixpoint):
+                walk(item.passes)
+            elif not item.default_enabled:
+                found[item.name] = None
+    walk(manager.pipeline)
+    return list(found)
+
+
 def available_level(level: str) -> str:
     """The level that `build_pipeline(level)` actually runs."""
     for candidate in reversed(LEVELS[: LEVELS.index(level) + 1]):
@@ -75,9 +90,11 @@ def available_level(level: str) -> str:
 
 
 def optimize(graph: Graph, level: str = "O2", *, disable: Iterable[str] = (),
-             verify: str = "off", verify_feeds: dict[str, np.ndarray] | None = None,
+             enable: Iterable[str] = (), verify: str = "off",
+             verify_feeds: dict[str, np.ndarray] | None = None,
              options: dict | None = None) -> RunReport:
-    """Optimize `graph` in place at `level`; return what every pass did."""
-    manager = PassManager(build_pipeline(level), disable=disable, verify=verify,
+    """Optimize `graph` in place at `level`; return what every pass did. `disable` skips passes
+    by name; `enable` turns on opt-in passes of the level (such as `head_split`)."""
+    manager = PassManager(build_pipeline(level), disable=disable, enable=enable, verify=verify,
                           verify_feeds=verify_feeds, context=PassContext(dict(options or {})))
     return manager.run(graph)

@@ -142,3 +142,22 @@ def test_numeric_verification_with_given_feeds():
     # Negating a Relu of all-negative inputs... still changes outputs (0 vs 1): caught.
     with pytest.raises(VerificationError, match="wrong_negate"):
         PassManager([NegateReluPass()], verify="numeric", verify_feeds=feeds).run(graph)
+
+
+def test_opt_in_pass_runs_only_when_enabled():
+    class OptInCollapse(CollapseOneRelu):
+        name = "opt_in_collapse"
+        default_enabled = False
+
+    graph = graphopt.load(relu_chain(3))
+    report = PassManager([Fixpoint("g", [OptInCollapse()])]).run(graph)
+    assert op_types(graph).count("Relu") == 3 and not report.records
+    report = PassManager([Fixpoint("g", [OptInCollapse()])], enable=["opt_in_collapse"]).run(graph)
+    assert op_types(graph).count("Relu") == 1
+    with pytest.raises(GraphoptError, match="cannot enable unknown"):
+        PassManager([OptInCollapse()], enable=["nope"])
+
+
+def test_head_split_is_opt_in_at_o2():
+    from graphopt.pipeline import opt_in_passes
+    assert opt_in_passes("O2") == ["head_split"]

@@ -148,7 +148,7 @@ def test_attention_head_split_is_absorbed_into_the_projection_weights():
                        [("wq", wq), ("wk", wk), ("bq", bias), ("heads", _ints(0, 0, 4, 4))])
     feeds = {"x": rng.standard_normal((2, 5, 16)).astype(np.float32)}
     graph, report = optimize_and_compare(model, "O2", feeds=feeds, rtol=1e-4, atol=1e-4,
-                                         disable=NO_FUSION)
+                                         disable=NO_FUSION, enable=["head_split"])
     assert "Reshape" not in op_types(graph)
     assert op_types(graph).count("Transpose") == 1   # K's [D, S] order: one transpose left
     assert _stats(report, "head_split")["head_splits_absorbed"] == 2
@@ -158,7 +158,8 @@ def test_transformer_attention_loses_its_manipulation_ops():
     model = models.build("transformer", size="small")
     feeds = models.example_inputs("transformer", model)
     before = graphopt.load(model)
-    graph, report = optimize_and_compare(model, "O2", feeds=feeds, rtol=1e-4, atol=1e-4)
+    graph, report = optimize_and_compare(model, "O2", feeds=feeds, rtol=1e-4, atol=1e-4,
+                                         enable=["head_split"])
     counts = {k: op_types(graph).count(k) for k in ("Transpose", "Reshape", "Concat")}
     layers = before.count_ops("Softmax")
     assert counts == {"Transpose": 2 * layers, "Reshape": layers, "Concat": 0}
@@ -196,7 +197,7 @@ def test_fused_qkv_projection_becomes_one_projection_per_group():
                             ("i2", np.array(2, np.int64))])
         feeds = {"x": rng.standard_normal((2, 5, 12)).astype(np.float32)}
         graph, report = optimize_and_compare(model, "O2", feeds=feeds, rtol=1e-4, atol=1e-4,
-                                             disable=NO_FUSION)
+                                             disable=NO_FUSION, enable=["head_split"])
         kinds = op_types(graph)
         assert {"Reshape", "Split", "Squeeze", "Gather"}.isdisjoint(kinds), kind
         assert kinds.count("Transpose") == 1 and kinds.count("MatMul") == 5, kind

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="FILE.json", help="write a JSON report of every pass")
     parser.add_argument("--disable", metavar="PASS", action="append", default=[],
                         help="skip a pass by name (repeatable)")
+    parser.add_argument("--enable", metavar="PASS", action="append", default=[],
+                        help="run an opt-in pass of the level (repeatable), e.g. head_split")
     parser.add_argument("--shape", metavar="NAME=D1,D2,..", action="append", default=[],
                         help="concrete shape of an input with symbolic dims (for verification)")
     parser.add_argument("--external-data", action="store_true",
@@ -43,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     graph = graphopt.load(args.model)
     size_before = weight_bytes(graph)
     feeds = synthetic_feeds(graph, shapes) if args.verify == "numeric" else None
-    report = graphopt.optimize(graph, args.level, disable=args.disable, verify=args.verify,
-                               verify_feeds=feeds)
+    report = graphopt.optimize(graph, args.level, disable=args.disable, enable=args.enable,
+                               verify=args.verify, verify_feeds=feeds)
     graphopt.save(graph, out, external_data=True if args.external_data else None)
     size_after = weight_bytes(graph)
     ran = available_level(args.level)

@@ -23,7 +23,7 @@ import graphopt
 from graphopt.errors import UnsupportedOpError
 from graphopt.ir import Graph
 from graphopt.pass_manager import RunReport
-from graphopt.pipeline import available_level
+from graphopt.pipeline import available_level, opt_in_passes
 
 ort.set_default_logger_severity(4)
 
@@ -151,7 +151,8 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 def optimize_model(model: onnx.ModelProto, level: str) -> tuple[Graph, RunReport]:
     graph = graphopt.load(model)
-    report = graphopt.optimize(graph, level, verify="structural")
+    # opt-in passes too: the fuzzer's job is to break every rewrite graphopt can make
+    report = graphopt.optimize(graph, level, verify="structural", enable=opt_in_passes(level))
     return graph, report
 
 
