@@ -140,3 +140,15 @@ def test_bench_compares_ir3_model_with_its_optimized_version(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "softmaxout_1" in captured.out
+
+
+def test_bench_plot_writes_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    a = tmp_path / "a.onnx"
+    onnx.save(fast_model(), str(a))
+    png = tmp_path / "bench.png"
+    code = main(["bench", str(a), str(a), "--runs", "2", "--profile", "--plot", str(png),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "bench.png"]
