@@ -136,7 +136,7 @@ class LiveBuffers:
 
     def remove(self, value: Any) -> None:
         """An environment entry pointing at `value` was dropped."""
-        if type(value) is not np.ndarray:
+        if not isinstance(value, np.ndarray):  # a sequence or optional (np.memmap is an array)
             for array in _arrays(value):
                 self.remove(array)
             return

@@ -416,3 +416,22 @@ def test_run_bad_inputs_exit_2_with_one_line(cli, small_model, tmp_path, make_ar
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_memory_mapped_values_are_accounted_without_recursion(tmp_path):
+    """np.memmap is an ndarray subclass: releasing one (an external weight gathered through a
+    view, as the >2 GB DLRM does) must not recurse."""
+    import numpy as np
+    from graphopt.runtime.memory import LiveBuffers
+
+    path = tmp_path / "w.bin"
+    np.arange(12, dtype=np.float32).tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=(3, 4))
+    live = LiveBuffers()
+    live.reset()
+    live.add(mapped)
+    live.add(mapped[1])
+    assert live.current == 48
+    live.remove(mapped[1])
+    live.remove(mapped)
+    assert live.current == 0 and live.peak == 48
