@@ -46,6 +46,19 @@ folds the activation's affine prefix into its weights and bias at build time (Ha
 costs 3 passes instead of 4, HardSigmoid 1 instead of 3), and the activation leaves the
 epilogue list (its time shows under the head in profiles).
 
+QDQ groups (runtime/qdq.py, runtime/kernels/qdq.py): in a quantized model, DequantizeLinear ->
+Conv/Gemm/MatMul [-> Add of the outlier op] [-> Relu/Clip] -> QuantizeLinear runs as one int8
+step reading the quantized input and writing the quantized output: the integer product with the
+accumulation the compute op's meta names (`graphopt.kernel`: int8_acc16 runs the 16-bit model,
+else exact 32-bit), the int32 bias, the outlier's sparse product, the clamps and the
+requantization. The groups are recognized and their kernels built once, here; a plan fuses a
+group unless it requests one of the float values the step skips (`fuse=False` runs every group
+op by op: fake quantization in float). The step carries the compute op's name and type, so
+profiles show the int8 work under Conv/Gemm/MatMul; `Session.int8_steps` lists the groups a plan
+runs. Weight DequantizeLinear ops whose only readers are compute ops are not folded at build:
+a fused step reads the int8 weights, and the float copy is made only for a plan that runs such
+a compute op in float (sparse initializers read only by DequantizeLinear stay undecoded too).
+
 Concat views (`concat_views=True`, runtime/concat_views.py): a default-domain Concat with static
 shapes gets its output buffer before its inputs exist, and the steps producing its inputs write
 straight into their slices of it (kernels declaring `view_layout`, registry.py: Conv, MaxPool,
@@ -84,11 +97,14 @@ import onnx
 from graphopt.errors import GraphoptError, UnsupportedOpError, UsageError
 from graphopt.feeds import name_list
 from graphopt.ir import IMPLICIT, Graph, Op, onnx_to_np_dtype
-from graphopt.runtime import concat_views, memory
+from graphopt.runtime import concat_views, memory, qdq
 from graphopt.runtime.concat_views import ConcatBuffers, ConcatTarget, Placement, StepInfo
 from graphopt.runtime.kernels import registry
+from graphopt.runtime.kernels.qdq import Constants, build_group_kernel
 from graphopt.runtime.kernels.registry import KernelFn, KernelNode
+from graphopt.runtime.kernels.sparse_int8 import dense_of_proto
 from graphopt.runtime.profile import Profile
+from graphopt.runtime.qdq import Int8Step, QdqGroup
 
 #: Op meta key naming the head op an elementwise epilogue is fused into.
 FUSE_META = "graphopt.fuse_into"
@@ -158,6 +174,8 @@ class _Plan:
     fused: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     #: (Concat label, inputs its producers write in place), as planned.
     concat_views: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    #: QDQ groups the plan runs as one int8 step.
+    int8: list[Int8Step] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,20 +197,36 @@ class GraphProgram:
         # inputs are weights, not defaults a feed may override (onnxruntime reads them so too).
         info = graph.root.model
         listed_weights_are_inputs = info is not None and info.ir_version < 4
+        #: Sparse weights read only by DequantizeLinear ops, kept undecoded (QDQ outlier
+        #: weights: the int8 step reads their nonzeros; a plan that runs the DQ densifies).
+        self._sparse: dict[str, onnx.SparseTensorProto] = {}
         for value in graph.values.values():
             if value.outer or not value.is_const:
                 continue
-            array = readonly(value.const)
-            if graph.is_input(value.name) and not listed_weights_are_inputs:
+            is_input = graph.is_input(value.name) and not listed_weights_are_inputs
+            if value.sparse_proto is not None:
+                if not is_input and self._only_dequantized(value.name):
+                    self._sparse[value.name] = value.sparse_proto
+                    continue
+                array = readonly(dense_of_proto(value.sparse_proto))
+            else:
+                array = readonly(value.const)
+            if is_input:
                 self.defaults[value.name] = array
             else:
                 self.consts[value.name] = array
         self.order: list[Op] = []
         self.kernels: dict[int, _Kernel] = {}
+        #: Constant weight DequantizeLinear ops not folded at build (see _deferrable).
+        self._deferred: dict[int, _Kernel] = {}
         self._build_kernels()
+        #: QDQ groups by the id of their output QuantizeLinear: (group, its int8 step kernel).
+        self.qdq: dict[int, tuple[QdqGroup, _Kernel]] = {}
+        self._build_qdq_groups()
         self._const_owner_ids = {id(memory.owner_of(a)) for a in self.consts.values()
                                  if isinstance(a, np.ndarray)}
         self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._plan_lock = threading.Lock()
         self._inferred: dict[str, tuple[int, Any]] | None = None   # see _static_type
 
     # -- build -------------------------------------------------------------------------------
@@ -224,8 +258,12 @@ class GraphProgram:
             labels.add(label)
             kernel = _Kernel(op, label, fn, tuple(getattr(fn, "inplace_slots", ())),
                              bool(getattr(fn, "needs_scope", False)), node)
-            if self._foldable(op) and self._fold(kernel, node.consts):
-                continue
+            if self._foldable(op):
+                if self._deferrable(op):
+                    self._deferred[op.id] = kernel
+                    continue
+                if self._fold(kernel, node.consts):
+                    continue
             self.order.append(op)
             self.kernels[op.id] = kernel
         if missing:
@@ -238,7 +276,7 @@ class GraphProgram:
         subgraph and no randomness. ConstantOfShape weights of the light models are such ops."""
         if op.domain or op.op_type in _NEVER_FOLD or any(True for _ in op.subgraphs()):
             return False
-        return all(not n or n in self.consts for n in op.inputs)
+        return all(not n or n in self.consts or n in self._sparse for n in op.inputs)
 
     def _fold(self, kernel: _Kernel, consts: list[Any]) -> bool:
         """Evaluate a constant op once at build; its outputs become weights. False when it
@@ -253,12 +291,109 @@ class GraphProgram:
                 self.consts[name] = readonly(value)
         return True
 
+    # -- QDQ groups (qdq.py, kernels/qdq.py) ---------------------------------------------------
+    def _only_dequantized(self, name: str) -> bool:
+        """Whether a weight's only readers are DequantizeLinear ops (at their data slot)."""
+        readers = self.graph.consumers(name, implicit=True)
+        return bool(readers) and not self.graph.is_output(name) \
+            and all(op.op_type == "DequantizeLinear" and slot == 0 for op, slot in readers)
+
+    def _deferrable(self, op: Op) -> bool:
+        """A DequantizeLinear of a constant 8-bit weight or int32 bias whose output only
+        compute ops read, as weight or bias: a QDQ group's step reads the raw weight, so its
+        float copy is made only if a plan runs the compute op in float (`_materialize`)."""
+        if op.op_type != "DequantizeLinear" or op.domain not in ("", "ai.onnx") \
+                or len(op.outputs) != 1 or not op.inputs:
+            return False
+        value = self.graph.values.get(op.inputs[0])
+        if value is None or value.dtype not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                                                onnx.TensorProto.INT32):
+            return False
+        out = op.outputs[0]
+        readers = self.graph.consumers(out, implicit=True)
+        return bool(readers) and not self.graph.is_output(out) and all(
+            reader.op_type in qdq.COMPUTE_OPS and slot != IMPLICIT and slot >= 1
+            for reader, slot in readers)
+
+    def _build_qdq_groups(self) -> None:
+        """Recognize the QDQ groups and build their int8 steps; fold the deferred weight
+        dequantizations no group took."""
+        taken: set[int] = set()
+        if self.services.fuse:
+            groups = qdq.find_groups(self.graph, self.consts.get,
+                                     lambda n: n in self.consts or n in self._sparse)
+            constants = Constants(self.consts.get, self._sparse.get)
+            for group in groups:
+                if any(m.id not in self.kernels for m in group.members):
+                    continue    # folded to a constant, or not built
+                try:
+                    fn = build_group_kernel(group, self.graph, constants)
+                except GraphoptError:
+                    continue
+                label = self.kernels[group.op.id].label
+                self.qdq[group.q.id] = (group, _Kernel(group.op, label, fn, (), False, None))
+                taken.update(dq.id for dq in group.weight_dqs)
+        self._materialize([op_id for op_id in self._deferred if op_id not in taken])
+
+    def _materialize(self, op_ids: Sequence[int]) -> None:
+        """Fold deferred DequantizeLinear ops now (a plan runs a reader in float), and rebuild
+        their readers' kernels so that those see the float weights as constants."""
+        readers: dict[int, Op] = {}
+        failed = False
+        for op_id in op_ids:
+            kernel = self._deferred.pop(op_id, None)
+            if kernel is None:
+                continue
+            op = kernel.op
+            args = [self._dense_const(n) if n else None for n in op.inputs]
+            if self._fold(kernel, args):
+                for name in op.outputs:
+                    if name:
+                        self._const_owner_ids_add(self.consts.get(name))
+                        readers.update((r.id, r) for r, _ in self.graph.consumers(name))
+            else:   # it runs (and fails) at run time, with a proper message
+                self.kernels[op.id] = kernel
+                failed = True
+        if failed:
+            position = {op.id: i for i, op in enumerate(self.graph.topological_ops())}
+            self.order = sorted((self.kernels[i].op for i in self.kernels),
+                                key=lambda o: position[o.id])
+        for op in readers.values():
+            if op.id in self.kernels:
+                self._rebuild(op)
+
+    def _dense_const(self, name: str) -> Any:
+        if name in self.consts:
+            return self.consts[name]
+        return readonly(dense_of_proto(self._sparse[name]))
+
+    def _const_owner_ids_add(self, array: Any) -> None:
+        ids = getattr(self, "_const_owner_ids", None)
+        if ids is not None and isinstance(array, np.ndarray):
+            ids.add(id(memory.owner_of(array)))
+
+    def _rebuild(self, op: Op) -> None:
+        """Build an op's kernel again with the constants known now (keeps its label)."""
+        old = self.kernels[op.id]
+        node = KernelNode(op=op, graph=self.graph, opset=self.graph.opset(op.domain),
+                          consts=[self.consts.get(n) if n else None for n in op.inputs],
+                          services=self.services)
+        try:
+            fn = registry.lookup(op.op_type, op.domain, self.graph.opset(op.domain))(node)
+        except Exception:   # the kernel built before stays (it reads the weights at run time)
+            return
+        self.kernels[op.id] = _Kernel(op, old.label, fn, tuple(getattr(fn, "inplace_slots", ())),
+                                      bool(getattr(fn, "needs_scope", False)), node)
+
     # -- plan --------------------------------------------------------------------------------
     def plan(self, outputs: Sequence[str]) -> _Plan:
         key = tuple(outputs)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._make_plan(key)
+            with self._plan_lock:   # planning may fold deferred weights (_materialize)
+                plan = self._plans.get(key)
+                if plan is None:
+                    plan = self._plans[key] = self._make_plan(key)
         return plan
 
     def _reads(self, op: Op) -> list[str]:
@@ -267,15 +402,40 @@ class GraphProgram:
         reads += [u.name for u, _, k in self.graph.nx.in_edges(op, keys=True) if k == IMPLICIT]
         return reads
 
-    def _needed_ops(self, outputs: tuple[str, ...]) -> list[Op]:
-        graph = self.graph
+    def _needed_ops(self, outputs: tuple[str, ...],
+                    int8: Mapping[int, tuple[QdqGroup, _Kernel]] | None = None) -> list[Op]:
+        """The ops computing `outputs`, in order. With `int8` (QDQ groups fused in this plan,
+        by output Q id), a group's Q stands for the group and reads only its quantized input;
+        the group's other members are then needed by nothing."""
         wanted = set(outputs)
         needed: set[int] = set()
         for op in reversed(self.order):
             if any(n in wanted for n in op.outputs if n):
                 needed.add(op.id)
-                wanted.update(self._reads(op))
+                if int8 and op.id in int8:
+                    wanted.add(int8[op.id][0].input)
+                else:
+                    wanted.update(self._reads(op))
         return [op for op in self.order if op.id in needed]
+
+    def _plan_int8(self, ops: list[Op], keep: set[str]) -> dict[int, tuple[QdqGroup, _Kernel]]:
+        """The QDQ groups this plan runs fused: their Q is needed and none of the float values
+        the step skips is requested."""
+        needed = {op.id for op in ops}
+        return {q_id: entry for q_id, entry in self.qdq.items()
+                if q_id in needed and not any(n in keep for n in entry[0].internal)}
+
+    def _materialize_reads(self, ops: list[Op]) -> bool:
+        """Fold the deferred weight dequantizations the planned ops read; True when one could
+        not be folded (it joined the ops to run)."""
+        if not self._deferred:
+            return False
+        reads = {n for op in ops for n in self._reads(op)}
+        ids = [op_id for op_id, k in self._deferred.items()
+               if any(n in reads for n in k.op.outputs)]
+        before = len(self.order)
+        self._materialize(ids)
+        return len(self.order) != before
 
     def _make_plan(self, outputs: tuple[str, ...]) -> _Plan:
         graph = self.graph
@@ -284,6 +444,11 @@ class GraphProgram:
                 shown = ", ".join(graph.outputs)
                 raise UsageError(f"no value named {name!r} in the model (its outputs: {shown})")
         ops = self._needed_ops(outputs)
+        int8 = self._plan_int8(ops, set(outputs)) if self.services.fuse else {}
+        if int8:
+            ops = self._needed_ops(outputs, int8)
+        if self._materialize_reads(ops):
+            ops = self._needed_ops(outputs, int8)
         if self.services.fuse:
             groups = self._fusion_groups(ops, set(outputs))
         else:
@@ -303,7 +468,15 @@ class GraphProgram:
         reads: list[list[str]] = []
         writes: list[list[str]] = []
         fused: list[tuple[str, tuple[str, ...]]] = []
+        int8_steps: list[Int8Step] = []
         for _, op in slots:
+            if op.id in int8:
+                group, kernel = int8[op.id]
+                steps.append(_Step(kernel, (group.input,), (group.output,)))
+                reads.append([group.input])
+                writes.append([group.output])
+                int8_steps.append(self._int8_step(group, kernel))
+                continue
             kernel = self.kernels[op.id]
             chain = groups.get(op.id, [])
             kernel, absorbed = self._absorb_activation(kernel, chain)
@@ -331,7 +504,16 @@ class GraphProgram:
                                                          step.kernel.inplace_slots)
         placed = self._place_concat_inputs(steps, reads, writes, releases, set(outputs)) \
             if self.services.concat_views else []
-        return _Plan(steps, outputs, fused, placed)
+        return _Plan(steps, outputs, fused, placed, int8_steps)
+
+    def _int8_step(self, group: QdqGroup, kernel: _Kernel) -> Int8Step:
+        def label(op: Op) -> str:
+            built = self.kernels.get(op.id)
+            return built.label if built is not None else (op.name or f"{op.op_type}#{op.id}")
+        fn = kernel.fn
+        return Int8Step(kernel.label, group.op.op_type, group.accumulation,
+                        tuple(label(m) for m in group.members[1:]), group.outlier_mode,
+                        getattr(fn, "acc16_emulated", 0))
 
     # -- Concat views (concat_views.py) --------------------------------------------------------
     def _place_concat_inputs(self, steps: list[_Step], reads: list[list[str]],
@@ -729,6 +911,13 @@ class Session:
     def fused(self) -> list[tuple[str, tuple[str, ...]]]:
         """(head op, epilogue ops) of each fused group in the plan for the graph's outputs."""
         return list(self._program.plan(tuple(self.outputs)).fused)
+
+    @property
+    def int8_steps(self) -> list[Int8Step]:
+        """The QDQ groups the plan for the graph's outputs runs as one int8 step each: compute
+        op, accumulation ("int8_acc32" / "int8_acc16"), the ops it absorbed, the outlier
+        product's mode, and how many acc16 channels the 16-bit model emulates."""
+        return list(self._program.plan(tuple(self.outputs)).int8)
 
     @property
     def concat_views(self) -> list[tuple[str, tuple[str, ...]]]:

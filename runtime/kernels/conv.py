@@ -198,8 +198,8 @@ class ConvWeights:
 
 
 def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul = float_matmul,
-         out_dtype=np.float32, taps_exact: bool = True, out: np.ndarray | None = None
-         ) -> np.ndarray:
+         out_dtype=np.float32, taps_exact: bool = True, out: np.ndarray | None = None,
+         integer: bool = False) -> np.ndarray:
     """Convolution of x (N, C, *S) float32, plus `weights.bias` if it has one; returns
     (N, C_out, *O) of out_dtype, written into `out` when it is given with that shape and dtype
     (any layout; the paths below see C-contiguous arrays only: a non-contiguous `out` is filled
@@ -207,6 +207,9 @@ def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul 
 
     taps_exact: whether summing kernel taps in float32 is exact (always true for float data;
     integer callers pass whether taps * max|x*w| < 2**24).
+
+    integer: x and the weights hold integers and the result must be exact: Winograd is off (its
+    transforms carry halves and quarters, and float32 rounds their sums once they pass 2**22).
 
     The bias never costs a pass of its own where it can ride along (adding a (C, 1) column
     with numpy broadcasting runs at ~4.6 elements/ns, a third of a plain add): the im2col
@@ -225,7 +228,7 @@ def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul 
     if out is None or out.shape != shape or out.dtype != out_dtype:
         out = np.empty(shape, dtype=out_dtype)
     elif not out.flags.c_contiguous:
-        return _conv_into_view(x, weights, geom, mm, out_dtype, taps_exact, out)
+        return _conv_into_view(x, weights, geom, mm, out_dtype, taps_exact, out, integer)
     if out.size == 0:
         return out
     if weights.bias is not None and mm is not float_matmul:
@@ -236,16 +239,16 @@ def conv(x: np.ndarray, weights: ConvWeights, geom: ConvGeometry, *, mm: MatMul 
         # model), then give every channel channel 0's value plus its own bias. A GEMM's rows
         # may round differently (edge micro-kernels, thread splits), and light_squeezenet ends
         # in exact ties between 1e10-sized logits that any such ulp turns into another softmax.
-        _dispatch(x, weights.without_bias, geom, mm, taps_exact, out)
+        _dispatch(x, weights.without_bias, geom, mm, taps_exact, out, integer)
         bias = 0.0 if weights.bias is None else _channel_bias(weights, out.ndim - 1)
         np.add(out[:, :1].copy(), bias, out=out)      # a copy: no overlap for numpy to buffer
         return out
-    _dispatch(x, weights, geom, mm, taps_exact, out)
+    _dispatch(x, weights, geom, mm, taps_exact, out, integer)
     return out
 
 
 def _conv_into_view(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out_dtype,
-                    taps_exact: bool, out: np.ndarray) -> np.ndarray:
+                    taps_exact: bool, out: np.ndarray, integer: bool) -> np.ndarray:
     """`conv` into a non-contiguous `out` (a Concat slice at batch > 1): per batch item when
     each `out[b]` is contiguous (the paths reshape `out`, which must stay a view), else into a
     fresh array that is then copied."""
@@ -254,14 +257,15 @@ def _conv_into_view(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, out
         item = dataclasses.replace(geom, batch=1)
         for b in range(n):
             conv(x[b:b + 1], weights, item, mm=mm, out_dtype=out_dtype, taps_exact=taps_exact,
-                 out=out[b:b + 1])
+                 out=out[b:b + 1], integer=integer)
         return out
-    np.copyto(out, conv(x, weights, geom, mm=mm, out_dtype=out_dtype, taps_exact=taps_exact))
+    np.copyto(out, conv(x, weights, geom, mm=mm, out_dtype=out_dtype, taps_exact=taps_exact,
+                        integer=integer))
     return out
 
 
 def _dispatch(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, taps_exact: bool,
-              out: np.ndarray) -> None:
+              out: np.ndarray, integer: bool = False) -> None:
     """out <- the convolution by the cheapest formulation for this shape (module doc)."""
     if geom.pointwise:
         _pointwise(x, weights, geom, mm, out)
@@ -270,7 +274,7 @@ def _dispatch(x, weights: ConvWeights, geom: ConvGeometry, mm: MatMul, taps_exac
             _depthwise_rows(x, weights, geom, out)
         else:
             _depthwise_2d(x, weights, geom, out)
-    elif mm is float_matmul and _use_winograd(weights, geom):
+    elif mm is float_matmul and not integer and _use_winograd(weights, geom):
         winograd_3x3(x, weights.winograd, geom.begin, geom.end, out)
     elif mm is float_matmul and _use_shifted_gemm(weights, geom):
         _shifted_gemm_2d(x, weights, geom, out)

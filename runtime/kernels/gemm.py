@@ -268,9 +268,10 @@ def acc16_safe_columns(b: np.ndarray, a_absmax: int = 255, k_block: int = ACC16_
 
 def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK,
                    saturate_sum: bool = True) -> np.ndarray:
-    """a (M, K) uint8/int8 @ b (K, N) int8 under FBGEMM-style 16-bit accumulation, exactly.
+    """a (..., M, K) uint8/int8 @ b (..., K, N) int8 under FBGEMM-style 16-bit accumulation,
+    exactly (leading dims broadcast as in np.matmul: a batch of groups, say).
 
-    The model (per output element (m, n), K zero-padded to a multiple of k_block and of 2):
+    The model (per output element (m, n), K zero-padded to an even length):
         acc32 = 0
         for each K-block of k_block consecutive k (in ascending k order):
             acc16 = 0
@@ -286,56 +287,82 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
 
     Fast path: sum_k |a_mk| |b_kn| over a block bounds every intermediate; where it is
     <= 32767 the exact GEMM is the answer. The other (block, m, n) triples are emulated: per
-    block, on the sub-matrix of risky rows x risky columns, a loop over the block's k-pairs
-    applies the saturating updates to all those outputs at once (a loop over K, never over
-    outputs); the result replaces the exact block sum there.
+    block, a loop over the block's k-pairs applies the saturating updates to all the risky
+    outputs at once (a loop over K, never over outputs; 2-D operands narrow it to the risky
+    rows x risky columns first); the result replaces the exact block sum there.
     """
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError("int_gemm_acc16 takes 2-D operands")
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError("int_gemm_acc16 takes operands of at least 2 dims")
     if k_block % 2:
         raise ValueError("k_block must be even (products are summed in pairs)")
-    m, k = a.shape
-    n = b.shape[1]
     exact = int_gemm_exact(a, b)
-    if m == 0 or n == 0 or k == 0:
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    if m == 0 or n == 0 or k == 0 or exact.size == 0:
         return exact
-    nblocks = -(-k // k_block)
-    pad = nblocks * k_block - k
     a32 = a.astype(np.int32)
     b32 = b.astype(np.int32)
-    if pad:
-        a32 = np.concatenate([a32, np.zeros((m, pad), np.int32)], axis=1)
-        b32 = np.concatenate([b32, np.zeros((pad, n), np.int32)], axis=0)
-    # Cheap bound first (outer products of per-block row/column L1 norms and maxima).
-    abs_a = np.abs(a32).reshape(m, nblocks, k_block).astype(np.int64)
-    abs_b = np.abs(b32).reshape(nblocks, k_block, n).astype(np.int64)
-    cheap = np.minimum(abs_a.sum(axis=2).T[:, :, None] * abs_b.max(axis=1)[:, None, :],
-                       abs_a.max(axis=2).T[:, :, None] * abs_b.sum(axis=1)[:, None, :])
-    if cheap.max() <= INT16_MAX:
-        return exact
-    bound = acc16_bound(a, b, k_block)
-    if bound.max() <= INT16_MAX:
+    if k % 2:   # one zero pair partner: pairs never straddle the end
+        a32 = np.concatenate([a32, np.zeros(a32.shape[:-1] + (1,), np.int32)], axis=-1)
+        b32 = np.concatenate([b32, np.zeros(b32.shape[:-2] + (1, n), np.int32)], axis=-2)
+    blocks = [(k0, min(k0 + k_block, a32.shape[-1])) for k0 in range(0, k, k_block)]
+    risky = [_acc16_risky(a32[..., k0:k1], b32[..., k0:k1, :], a.ndim == b.ndim == 2)
+             for k0, k1 in blocks]
+    if not any(r is not None for r in risky):
         return exact
     result = exact.astype(np.int64)
-    for blk in range(nblocks):
-        risky = bound[blk] > INT16_MAX
-        if not risky.any():
+    for (k0, k1), mask in zip(blocks, risky):
+        if mask is None:
             continue
-        rows = np.flatnonzero(risky.any(axis=1))
-        cols = np.flatnonzero(risky.any(axis=0))
-        k0 = blk * k_block
-        a_blk = a32[rows, k0:k0 + k_block]                       # (R, KB)
-        b_blk = b32[k0:k0 + k_block][:, cols]                     # (KB, C)
-        acc16 = np.zeros((len(rows), len(cols)), np.int32)
-        exact_blk = np.zeros_like(acc16)
-        for p in range(0, k_block, 2):    # the saturating scan is sequential by definition
-            pair = np.multiply.outer(a_blk[:, p], b_blk[p])
-            pair += np.multiply.outer(a_blk[:, p + 1], b_blk[p + 1])
-            exact_blk += pair
-            _sat16(pair)
-            acc16 += pair
-            if saturate_sum:
-                _sat16(acc16)
-        sub = np.ix_(rows, cols)
-        result[sub] += np.where(risky[sub], acc16 - exact_blk, 0)
+        a_blk = a32[..., k0:k1]
+        b_blk = b32[..., k0:k1, :]
+        if mask.ndim == 2:      # 2-D operands: only the risky rows x risky columns
+            rows = np.flatnonzero(mask.any(axis=1))
+            cols = np.flatnonzero(mask.any(axis=0))
+            acc16, exact_blk = _acc16_scan(a_blk[rows], b_blk[:, cols], saturate_sum)
+            sub = np.ix_(rows, cols)
+            result[sub] += np.where(mask[sub], acc16 - exact_blk, 0)
+        else:
+            acc16, exact_blk = _acc16_scan(a_blk, b_blk, saturate_sum)
+            result += np.where(mask, acc16 - exact_blk, 0)
     return result.astype(np.int32)
+
+
+def _acc16_risky(a_blk: np.ndarray, b_blk: np.ndarray, refine: bool) -> np.ndarray | None:
+    """Mask (..., M, N) of the outputs whose block sum sum_k |a_mk| |b_kn| may exceed 32767,
+    or None when none can. A cheap bound first (per-row L1 x per-column max, and the other
+    way round); with `refine` (2-D operands), the exact bound (a GEMM of absolute values) for
+    the outputs the cheap one could not clear."""
+    abs_a = np.abs(a_blk).astype(np.int64)
+    abs_b = np.abs(b_blk).astype(np.int64)
+    cheap = np.minimum(abs_a.sum(axis=-1)[..., :, None] * abs_b.max(axis=-2)[..., None, :],
+                       abs_a.max(axis=-1)[..., :, None] * abs_b.sum(axis=-2)[..., None, :])
+    mask = cheap > INT16_MAX
+    if not mask.any():
+        return None
+    if refine:
+        mask = np.matmul(abs_a.astype(np.float32), abs_b.astype(np.float32)) > INT16_MAX
+        if not mask.any():
+            return None
+    return mask
+
+
+def _acc16_scan(a_blk: np.ndarray, b_blk: np.ndarray, saturate_sum: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(acc16 model, exact sum) of one K-block (even length) of int32 operands (..., M, KB)
+    and (..., KB, N): the saturating scan is sequential by definition, so the loop runs over
+    k-pairs, each step vectorized over every output."""
+    shape = np.broadcast_shapes(a_blk.shape[:-2], b_blk.shape[:-2]) \
+        + (a_blk.shape[-2], b_blk.shape[-1])
+    acc16 = np.zeros(shape, np.int32)
+    exact = np.zeros(shape, np.int32)
+    pair = np.empty(shape, np.int32)
+    for p in range(0, a_blk.shape[-1], 2):
+        np.multiply(a_blk[..., :, p, None], b_blk[..., None, p, :], out=pair)
+        pair += a_blk[..., :, p + 1, None] * b_blk[..., None, p + 1, :]
+        exact += pair
+        _sat16(pair)
+        acc16 += pair
+        if saturate_sum:
+            _sat16(acc16)
+    return acc16, exact
