@@ -400,7 +400,7 @@ def _graph_proto(graph: Graph) -> onnx.GraphProto:
             continue
         if list_initializers and value.name not in listed:
             gp.input.append(_value_info(value))
-        if value.sparse_proto is not None and value._array is None:
+        if value.sparse_proto is not None:   # still sparse (assigning `const` clears it)
             gp.sparse_initializer.append(value.sparse_proto)
             continue
         gp.initializer.append(_tensor_proto(value))

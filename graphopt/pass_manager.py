@@ -74,6 +74,12 @@ class Pass:
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def numeric_tolerance(self, ctx: PassContext) -> float | None:
+        """For a pass that changes numerics: the relative L2 error per output
+        (||after - before|| / ||before||) numeric verification accepts; None accepts any values
+        of the right shape and dtype."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
@@ -246,7 +252,8 @@ class PassManager:
                     except IRError as exc:
                         raise VerificationError(f"pass {item.name!r} broke the graph: {exc}") from None
                 if oracle is not None:
-                    oracle.check(graph, item)
+                    oracle.check(graph, item, item.numeric_tolerance(self.ctx)
+                                 if item.changes_numerics else None)
         return changed_any
 
     def _run_pass(self, p: Pass, graph: Graph) -> PassResult:
@@ -285,7 +292,7 @@ class _NumericOracle:
         self.backend = backend
         return outputs
 
-    def check(self, graph: Graph, p: Pass) -> None:
+    def check(self, graph: Graph, p: Pass, tolerance: float | None = None) -> None:
         if not self.usable:
             return
         outputs = self._run(graph)
@@ -295,26 +302,40 @@ class _NumericOracle:
         assert self.reference is not None
         names = graph.outputs
         for name, before, after in zip(names, self.reference, outputs):
-            problem = compare_outputs(before, after, self.rtol, self.atol, p.changes_numerics)
+            problem = compare_outputs(before, after, self.rtol, self.atol, p.changes_numerics,
+                                      tolerance)
             if problem:
                 raise VerificationError(f"pass {p.name!r} changed output {name!r}: {problem}")
             if before.dtype.kind in "fc" and before.size and before.shape == after.shape:
                 diff = float(np.max(np.abs(before.astype(np.float64) - after.astype(np.float64))))
                 if np.isfinite(diff):
                     self.max_abs_diff = max(self.max_abs_diff or 0.0, diff)
-        if not p.changes_numerics:
-            self.reference = outputs
+        # Later passes are compared with what this one produced (a pass after quantization
+        # must keep the quantized outputs, not the float ones).
+        self.reference = outputs
 
 
 def compare_outputs(before: np.ndarray, after: np.ndarray, rtol: float, atol: float,
-                    lenient: bool = False) -> str:
-    """Empty string when `after` matches `before`, else a one-line description of the mismatch."""
+                    lenient: bool = False, rel_l2: float | None = None) -> str:
+    """Empty string when `after` matches `before`, else a one-line description of the mismatch.
+    `lenient` (a pass that changes numerics): float outputs may move by a relative L2 error of
+    at most `rel_l2` (any amount when None); other outputs need only keep shape and dtype."""
     before, after = np.asarray(before), np.asarray(after)
     if before.shape != after.shape:
         return f"shape {before.shape} became {after.shape}"
     if before.dtype != after.dtype:
         return f"dtype {before.dtype} became {after.dtype}"
     if lenient:
+        if rel_l2 is None or before.dtype.kind not in "fc" or not before.size:
+            return ""
+        b64, a64 = before.astype(np.float64), after.astype(np.float64)
+        finite = np.isfinite(b64)
+        if not np.isfinite(a64[finite]).all():
+            return "non-finite values where the reference is finite"
+        norm = float(np.linalg.norm(b64[finite]))
+        error = float(np.linalg.norm(a64[finite] - b64[finite])) / (norm or 1.0)
+        if error > rel_l2:
+            return f"relative L2 error {error:.3g} beyond the pass's tolerance {rel_l2:.3g}"
         return ""
     if before.dtype.kind in "fc":
         if not np.allclose(after, before, rtol=rtol, atol=atol, equal_nan=True):

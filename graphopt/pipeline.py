@@ -2,12 +2,21 @@
 
 O1: cleanup (dead code, Identity/Dropout, CSE), iterated to a fixpoint.
 O2: O1 plus tensor-manipulation elimination and fusion (added as those passes land).
-O3: O2 plus quantization and acc16/acc32 kernel choice.
+O3: O2, then calibration-driven int8 quantization with selective fallback, the outlier-aware
+weight split, acc16/acc32 kernel choice by op intensity, and cleanup (passes/quantize.py,
+outliers.py, kernel_select.py). O3 options (`options=` / CLI): `calibration` (an .npz path or
+folder, a list of feed dicts, a dict of arrays; default: the model's example inputs or synthetic
+feeds), `target` ("auto", "avx2", "avx512", "avx512-vnni", "amx") or `machine` (a
+graphopt.machine.Machine), `quant_error_budget` (relative L2 on the outputs, default 2e-2),
+`calibration_method`, `quant_sensitivity` ("auto" or "always"), `shapes` (pins symbolic input
+dims for op intensity).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,10 +57,25 @@ def o2_pipeline() -> list[PipelineItem]:
     ]
 
 
+def o3_pipeline() -> list[PipelineItem]:
+    """O2, then quantization, the outlier split and kernel choice (once each: they are driven by
+    calibration, not by patterns), then cleanup. Constant folding does not run after
+    quantization: it would fold DequantizeLinear of the int8 weights back into floats.
+    Epilogue marking runs again because the output Q/DQ pairs moved group boundaries."""
+    from graphopt.passes.fusion_epilogue import FuseEpilogues
+    from graphopt.passes.quantize import Quantize
+    return [
+        *o2_pipeline(),
+        Quantize(),
+        Fixpoint("cleanup", _cleanup_passes() + [FuseEpilogues()]),
+    ]
+
+
 _BUILDERS: dict[str, Callable[[], list[PipelineItem]]] = {
     "O0": lambda: [],
     "O1": o1_pipeline,
     "O2": o2_pipeline,
+    "O3": o3_pipeline,
 }
 
 
@@ -89,12 +113,32 @@ def available_level(level: str) -> str:
     return "O0"
 
 
+@dataclass
+class OptimizeReport(RunReport):
+    """The pass manager's report plus what quantization measured (O3; None below it):
+    `quantization` = {"error_rel_l2", "budget", "ops_int8", "ops_fp16", "ops_fp32",
+    "embeddings_int8", ...} or {"skipped": reason}; `calibration` = {"source", "samples"}."""
+
+    quantization: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+
+
 def optimize(graph: Graph, level: str = "O2", *, disable: Iterable[str] = (),
              enable: Iterable[str] = (), verify: str = "off",
              verify_feeds: dict[str, np.ndarray] | None = None,
-             options: dict | None = None) -> RunReport:
+             options: dict | None = None) -> OptimizeReport:
     """Optimize `graph` in place at `level`; return what every pass did. `disable` skips passes
-    by name; `enable` turns on opt-in passes of the level (such as `head_split`)."""
+    by name; `enable` turns on opt-in passes of the level (such as `head_split`); `options` are
+    read by passes (O3's are listed in the module docstring)."""
+    from graphopt.passes.quantize import STATE_OPTION, QuantizationState
+
+    context = PassContext(dict(options or {}))
+    state = context.options.setdefault(STATE_OPTION, QuantizationState())
     manager = PassManager(build_pipeline(level), disable=disable, enable=enable, verify=verify,
-                          verify_feeds=verify_feeds, context=PassContext(dict(options or {})))
-    return manager.run(graph)
+                          verify_feeds=verify_feeds, context=context)
+    report = manager.run(graph)
+    quantization = calibration = None
+    if available_level(level) == "O3" and "quantize" not in set(disable):
+        calibration = state.calibration
+        quantization = state.summary or {"skipped": state.skipped or "quantize did not run"}
+    return OptimizeReport(**vars(report), quantization=quantization, calibration=calibration)

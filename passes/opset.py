@@ -46,35 +46,44 @@ class UpgradeOpset(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
-        info = graph.model
-        if info is None or graph.parent is not None:
+        if graph.model is None or graph.parent is not None:
             return result
         target = min(wanted_opset(graph), onnx.defs.onnx_opset_version())
         current = graph.opset()
-        if target <= current or current < 7:
-            return result
-        if set(info.opset_imports) - {"", "ai.onnx", "ai.onnx.ml"} or \
-                (info.template is not None and len(info.template.functions)):
-            return result
-        # Weights do not change between opsets: convert the structure only, then put them back.
-        model, weights = to_model_without_large_constants(graph)
-        try:
-            converted = onnx.version_converter.convert_version(model, target)
-            onnx.checker.check_model(converted)
-            upgraded = load(converted)
-        except Exception:  # the converter lacks an adapter for some op: keep the model as is
-            return result
-        if any(name not in upgraded.values or not upgraded.is_input(name) for name in weights):
-            return result  # the converter renamed or rewired a weight: not worth the risk
-        for name in weights:
-            source, target_value = graph.values[name], upgraded.values[name]
-            upgraded.inputs.remove(name)
-            target_value._array, target_value._proto = source._array, source._proto
-            target_value._loader, target_value.sparse_proto = source._loader, source.sparse_proto
-            target_value.type_proto = target_value.value_info_proto = target_value._declared = None
-        graph.adopt(upgraded)
-        result.count(f"opset_{current}_to_{target}")
+        if target > current and convert_opset(graph, target):
+            result.count(f"opset_{current}_to_{target}")
         return result
+
+
+def convert_opset(graph: Graph, target: int) -> bool:
+    """Convert the (root) graph to default-domain opset `target` in place with onnx's version
+    converter; False (graph unchanged) where it cannot: opset below 7, custom domains or
+    functions, a converter without an adapter, or a converted graph that rewired a weight."""
+    info = graph.model
+    current = graph.opset()
+    if info is None or graph.parent is not None or target <= current or current < 7:
+        return False
+    if set(info.opset_imports) - {"", "ai.onnx", "ai.onnx.ml"} or \
+            (info.template is not None and len(info.template.functions)):
+        return False
+    # Weights do not change between opsets: convert the structure only, then put them back.
+    model, weights = to_model_without_large_constants(graph)
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+        onnx.checker.check_model(converted)
+        upgraded = load(converted)
+    except Exception:  # the converter lacks an adapter for some op: keep the model as is
+        return False
+    if any(name not in upgraded.values or not upgraded.is_input(name) for name in weights):
+        return False  # the converter renamed or rewired a weight: not worth the risk
+    for name in weights:
+        source, target_value = graph.values[name], upgraded.values[name]
+        upgraded.inputs.remove(name)
+        target_value._array, target_value._proto = source._array, source._proto
+        target_value._loader, target_value.sparse_proto = source._loader, source.sparse_proto
+        target_value.type_proto = target_value.value_info_proto = target_value._declared = None
+    graph.adopt(upgraded)
+    return True
 
 
 PASSES: list[type[Pass]] = [UpgradeOpset]
