@@ -63,10 +63,14 @@ def o3_pipeline() -> list[PipelineItem]:
     quantization: it would fold DequantizeLinear of the int8 weights back into floats.
     Epilogue marking runs again because the output Q/DQ pairs moved group boundaries."""
     from graphopt.passes.fusion_epilogue import FuseEpilogues
+    from graphopt.passes.kernel_select import KernelSelect
+    from graphopt.passes.outliers import OutlierSplit
     from graphopt.passes.quantize import Quantize
     return [
         *o2_pipeline(),
         Quantize(),
+        OutlierSplit(),
+        KernelSelect(),
         Fixpoint("cleanup", _cleanup_passes() + [FuseEpilogues()]),
     ]
 
