@@ -24,7 +24,7 @@ would turn acc16) and KernelSelect share it, so the two cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,10 +94,12 @@ def resolve_machine(ctx: PassContext) -> Machine:
     return machine
 
 
-def cost_context(graph: Graph, ctx: PassContext) -> CostContext:
+def cost_context(graph: Graph, ctx: PassContext, ops: Sequence[Op] = ()) -> CostContext:
     """Shapes for op costs: graph inputs pinned to the first calibration batch (or ctx option
     `shapes`), every other value's shape from onnx inference on those, without writing the
-    inferred shapes into the graph (the saved model keeps its symbolic dims)."""
+    inferred shapes into the graph (the saved model keeps its symbolic dims). Where inference
+    leaves an activation of `ops` unknown (a data-dependent Range, say), one run of the graphopt
+    runtime on synthetic feeds of those shapes measures it."""
     from graphopt.shapes import _inference_model
 
     pins: dict[str, tuple] = {}
@@ -111,9 +113,10 @@ def cost_context(graph: Graph, ctx: PassContext) -> CostContext:
         inferred = onnx.shape_inference.infer_shapes(_inference_model(graph, pins),
                                                      check_type=False, strict_mode=False,
                                                      data_prop=True)
+        infos = list(inferred.graph.value_info) + list(inferred.graph.output)
     except Exception:  # onnx raises many error types; the graph's own shapes then serve
-        return costs
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        infos = []
+    for vi in infos:
         if vi.name in pins or not vi.type.HasField("tensor_type") \
                 or not vi.type.tensor_type.HasField("shape"):
             continue
@@ -121,7 +124,24 @@ def cost_context(graph: Graph, ctx: PassContext) -> CostContext:
                      for d in vi.type.tensor_type.shape.dim)
         if all(d is not None for d in dims):
             costs.pinned[vi.name] = dims
+    unknown = [name for op in ops for name in (op.inputs[0], op.outputs[0])
+               if costs.static_shape(name) is None]
+    if unknown:
+        costs.pinned.update(_measured_shapes(graph, pins, unknown))
     return costs
+
+
+def _measured_shapes(graph: Graph, pins: Mapping[str, tuple], names: Sequence[str]
+                     ) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` in one graphopt runtime run on synthetic feeds (empty on failure)."""
+    from graphopt.feeds import synthetic_feeds
+    from graphopt.runtime import Session
+
+    try:
+        outputs = Session(graph).run(synthetic_feeds(graph, dict(pins)), list(dict.fromkeys(names)))
+    except Exception:  # a model the runtime cannot run on synthetic feeds: shapes stay unknown
+        return {}
+    return {name: tuple(int(d) for d in np.shape(array)) for name, array in outputs.items()}
 
 
 def int8_weight(graph: Graph, op: Op) -> np.ndarray | None:
@@ -176,7 +196,7 @@ def choose_kernel(graph: Graph, op: Op, machine: Machine, costs: CostContext,
                               f"({machine.isa_info.int8_acc32:g}x vs "
                               f"{machine.isa_info.int8_acc16:g}x fp32) and exact", intensity)
     if not cost.known:
-        return KernelDecision(ACC32, "shapes unknown, no roofline: acc32", intensity)
+        return KernelDecision(ACC32, "shapes unknown, no roofline: acc32")
     if cost.kind != GEMM or cost.gemm is None:
         return KernelDecision(ACC32, f"intensity {shown} FLOP/B, a {cost.kind} kernel (no GEMM "
                               "whose sums 16-bit accumulation would speed up): acc32", intensity)
@@ -273,7 +293,7 @@ class KernelSelect(Pass):
         if not ops:
             return result
         machine = resolve_machine(ctx)
-        costs = cost_context(graph, ctx)
+        costs = cost_context(graph, ctx, ops)
         samples = quantization_state(ctx).samples
         split = outlier_ops(graph)
         for op in ops:
@@ -309,9 +329,10 @@ def decide(graph: Graph, op: Op, machine: Machine, costs: CostContext,
     decision = choose_kernel(graph, op, machine, costs, w_small, outliers, samples.get(op.name))
     if decision.kernel == ACC16 and outliers:
         decision.kernel = ACC32
-        decision.reason = (f"acc16 would pay ({decision.reason}), but its {outliers} weights "
-                           f"above |{OUTLIER_THRESHOLD}| were not split off (outlier_split did "
-                           "not run): acc32")
+        decision.reason = (f"intensity {decision.intensity:.0f} FLOP/B, compute-bound on "
+                           f"{machine.isa}, acc16 predicted {decision.speedup:.2f}x faster, but "
+                           f"its {outliers} weights above |{OUTLIER_THRESHOLD}| were not split "
+                           "off (outlier_split did not run): acc32")
     return decision
 
 

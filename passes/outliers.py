@@ -80,7 +80,7 @@ class OutlierSplit(Pass):
         if not candidates:
             return result
         machine = resolve_machine(ctx)
-        costs = cost_context(graph, ctx)
+        costs = cost_context(graph, ctx, [c[0] for c in candidates])
         samples = quantization_state(ctx).samples
         for op, w_small, w_out, outliers in candidates:
             decision = choose_kernel(graph, op, machine, costs, w_small, outliers,

@@ -271,6 +271,60 @@ def test_outlier_split_is_exact(float_model, avx2):
     np.testing.assert_array_equal(session.run(feeds)["y"], Session(unsplit).run(feeds)["y"])
 
 
+def fc_net(op_type: str, k: int = 256, n: int = 128) -> onnx.ModelProto:
+    """x -> Relu -> Gemm (transB, bias) or MatMul (3-D input), heavy-tailed weights."""
+    rng = np.random.default_rng(0)
+    if op_type == "Gemm":
+        node = helper.make_node("Gemm", ["r", "w", "b"], ["y"], transB=1, name="fc")
+        inits = [numpy_helper.from_array(heavy_tailed(rng, (n, k)), "w"),
+                 numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), "b")]
+        x_shape, y_shape = ["N", k], ["N", n]
+    else:
+        node = helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")
+        inits = [numpy_helper.from_array(heavy_tailed(rng, (k, n)), "w")]
+        x_shape, y_shape = ["N", 16, k], ["N", 16, n]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), node], "fc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def fc_feeds(op_type: str, seed: int, k: int = 256) -> dict[str, np.ndarray]:
+    """Heavy-tailed activations (mostly small next to their range)."""
+    rng = np.random.default_rng(seed)
+    shape = (64, k) if op_type == "Gemm" else (4, 16, k)
+    return {"x": (rng.standard_normal(shape) * np.exp(rng.standard_normal(shape)))
+            .astype(np.float32)}
+
+
+@pytest.mark.parametrize("op_type", ["Gemm", "MatMul"])
+def test_fc_outlier_split_is_exact(op_type):
+    model = fc_net(op_type)
+    # a loose budget keeps the lone op int8 (these activations quantize poorly): the split is
+    # what is tested here
+    options = {"calibration": [fc_feeds(op_type, 10), fc_feeds(op_type, 11)],
+               "machine": machine("avx2"), "quant_error_budget": 0.2}
+    split, unsplit = graphopt.load(model), graphopt.load(model)
+    report = optimize(split, "O3", options=dict(options))
+    optimize(unsplit, "O3", disable=["outlier_split"], options=dict(options))
+    assert stats(report, "outlier_split")["ops_split"] == 1
+    assert ops_by_name(split)["fc"].meta["graphopt.kernel"] == "int8_acc16"
+    whole = ops_by_name(unsplit)["fc"]
+    assert whole.meta["graphopt.kernel"] == "int8_acc32"
+    assert "were not split off (outlier_split did not run)" in whole.meta["graphopt.reason"]
+    feeds = fc_feeds(op_type, 20)
+    a = ort_run(graphopt.to_model(split), feeds, optimized=False)[0]
+    b = ort_run(graphopt.to_model(unsplit), feeds, optimized=False)[0]
+    assert rel_l2(a, b) <= 1e-3
+    session = Session(split)
+    (step,) = session.int8_steps
+    assert step.accumulation == "int8_acc16" and step.outlier == "sparse"
+    np.testing.assert_array_equal(session.run(feeds)["y"], Session(unsplit).run(feeds)["y"])
+
+
 # ---------------------------------------------------------------------------------------------
 # kernel choice
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +398,17 @@ def test_acc16_that_saturates_on_calibration_keeps_acc32_and_the_op_whole():
     assert "saturates on the calibration sample" in conv2.meta["graphopt.reason"]
     assert not any("graphopt.outlier_of" in op.meta for op in graph.ops.values())
     assert "ops_split" not in stats(report, "outlier_split")
+
+
+def test_intensity_is_known_where_inference_cannot_see_a_shape():
+    # a decoder step: its positions come from a Range over the past length, which onnx shape
+    # inference leaves symbolic; kernel choice measures those shapes in one run instead
+    model = models.build("seq2seq-step", size="small", seed=0)
+    graph = graphopt.load(model)
+    optimize(graph, "O3", options={"machine": machine("avx2"), "quant_sensitivity": "auto"})
+    int8 = [op for op in graph.ops.values() if op.meta.get("graphopt.quant") == "int8"]
+    assert int8 and all(float(op.meta["graphopt.op_intensity"]) > 0 for op in int8)
+    assert not any("shapes unknown" in op.meta["graphopt.reason"] for op in int8)
 
 
 # ---------------------------------------------------------------------------------------------
