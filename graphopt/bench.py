@@ -5,12 +5,17 @@ drift on a noisy machine hits both alike; both get the same inputs and the same 
 The speedup is reported two ways: the ratio of the medians, and the median of the per-round
 ratios (robust when the machine's speed wanders during the run).
 
+Accuracy is measured on every backend that ran: a quantized AFTER runs onnxruntime's int8
+kernels on one and graphopt's on the other, and the two need not agree. `accuracy` is the
+onnxruntime one (when it ran), kept as the headline.
+
 The JSON written by `BenchResult.to_dict()` is a stable contract, documented in the README:
 
     {"backends": {"<backend>": {"before": {"median_ms", "min_ms", "max_ms", "runs"},
                                 "after": {...}, "speedup": float, "speedup_pairwise": float}},
      "accuracy": {"<output>": {"max_abs", "rel_l2", "cosine", "top1_agreement" or null}},
      "accuracy_backend": str,
+     "accuracy_by_backend": {"<backend>": {"<output>": {...}}},
      "size_bytes": {"before": int, "after": int},
      "peak_bytes": {"before": int, "after": int} or null,
      "profile": {"<backend>": {"before": {op_type: ms per run}, "after": {...}}} or null,
@@ -71,6 +76,8 @@ class BenchResult:
     profile: dict[str, dict[str, dict[str, float]]] | None
     inputs: dict[str, list[int]]
     threads: int
+    #: backend -> output -> accuracy metrics (every backend that ran)
+    accuracy_by_backend: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def speedup(self, backend: str) -> tuple[float, float]:
         """(ratio of medians, median of per-round ratios): before / after, > 1 is faster."""
@@ -86,7 +93,8 @@ class BenchResult:
             backends[name] = {"before": pair["before"].summary(), "after": pair["after"].summary(),
                               "speedup": ratio, "speedup_pairwise": pairwise}
         return {"backends": backends, "accuracy": self.accuracy,
-                "accuracy_backend": self.accuracy_backend, "size_bytes": self.size_bytes,
+                "accuracy_backend": self.accuracy_backend,
+                "accuracy_by_backend": self.accuracy_by_backend, "size_bytes": self.size_bytes,
                 "peak_bytes": self.peak_bytes, "profile": self.profile, "inputs": self.inputs,
                 "threads": self.threads}
 
@@ -102,13 +110,16 @@ class BenchResult:
                 lines.append(f"{name:<12}{which:<8}{s['min_ms']:>10.2f}{s['median_ms']:>11.2f}"
                              f"{s['max_ms']:>10.2f}{extra}")
             lines.append(f"{'':<20}median of per-round ratios: {pairwise:.2f}x")
-        lines.append("")
-        lines.append(f"accuracy of AFTER vs BEFORE (on {self.accuracy_backend}):")
-        lines.append(f"{'output':<28}{'max abs':>11}{'rel L2':>11}{'cosine':>10}{'top-1':>8}")
-        for name, acc in self.accuracy.items():
-            top1 = "-" if acc["top1_agreement"] is None else f"{acc['top1_agreement'] * 100:.1f}%"
-            lines.append(f"{name[:27]:<28}{acc['max_abs']:>11.3g}{acc['rel_l2']:>11.3g}"
-                         f"{acc['cosine']:>10.6f}{top1:>8}")
+        tables = self.accuracy_by_backend or {self.accuracy_backend: self.accuracy}
+        ordered = [self.accuracy_backend] + [b for b in tables if b != self.accuracy_backend]
+        for backend in ordered:
+            lines.append("")
+            lines.append(f"accuracy of AFTER vs BEFORE (on {backend}):")
+            lines.append(f"{'output':<28}{'max abs':>11}{'rel L2':>11}{'cosine':>10}{'top-1':>8}")
+            for name, acc in tables.get(backend, self.accuracy).items():
+                top1 = "-" if acc["top1_agreement"] is None else f"{acc['top1_agreement'] * 100:.1f}%"
+                lines.append(f"{name[:27]:<28}{acc['max_abs']:>11.3g}{acc['rel_l2']:>11.3g}"
+                             f"{acc['cosine']:>10.6f}{top1:>8}")
         lines.append("")
         lines.append(f"weights: {self.size_bytes['before'] / 1e6:.2f} MB -> "
                      f"{self.size_bytes['after'] / 1e6:.2f} MB")
@@ -276,16 +287,18 @@ def compare(before: Graph, after: Graph, feeds: dict[str, np.ndarray], *,
         bar.close()
         profiles = _profiles(before, after, feeds, backends, threads, runs) if profile else None
     accuracy_backend = "onnxruntime" if "onnxruntime" in backends else backends[0]
-    pair = outputs[accuracy_backend]
-    accuracy = {name: compare_accuracy(b, a)
-                for name, b, a in zip(before.outputs, pair["before"], pair["after"])}
+    by_backend = {backend: {name: compare_accuracy(b, a) for name, b, a in
+                            zip(before.outputs, pair["before"], pair["after"])}
+                  for backend, pair in outputs.items()}
+    accuracy = by_backend[accuracy_backend]
     peak = None
     if "graphopt" in backends:
         peak = {which: int(sessions["graphopt"][which].peak_bytes) for which in ("before", "after")}
     return BenchResult(timings=timings, accuracy=accuracy, accuracy_backend=accuracy_backend,
                        size_bytes={"before": weight_bytes(before), "after": weight_bytes(after)},
                        peak_bytes=peak, profile=profiles,
-                       inputs={k: list(v.shape) for k, v in feeds.items()}, threads=threads)
+                       inputs={k: list(v.shape) for k, v in feeds.items()}, threads=threads,
+                       accuracy_by_backend=by_backend)
 
 
 def _profiles(before: Graph, after: Graph, feeds: dict[str, np.ndarray], backends, threads: int,

@@ -6,7 +6,8 @@
 
 Where the data comes from (`calibration_data`):
 - a path: an .npz file whose arrays are named by graph input, first axis = samples, or a folder
-  of such files (concatenated in name order); samples are cut into batches;
+  of such files (concatenated in name order) and/or of NAME.npy files (one array per input, named
+  by the file); samples are cut into batches;
 - Python objects: a list of feed dicts (each one batch, used as given), a dict of arrays (first
   axis = samples), or a `CalibrationData`;
 - nothing: the model's own example inputs when its metadata names a graphopt model family
@@ -63,7 +64,8 @@ class CalibrationData:
 
     def summary(self) -> dict[str, Any]:
         """The report's `calibration` field."""
-        return {"source": self.source, "samples": self.samples}
+        return {"source": self.source, "samples": self.samples, "batches": len(self.batches),
+                "origin": self.origin}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,12 +96,13 @@ def calibration_data(graph: Graph, given: Any = None, *, batch_size: int | None 
 
 def load_calibration(graph: Graph, path: str | os.PathLike, *,
                      batch_size: int | None = None) -> CalibrationData:
-    """Read an .npz (arrays named by input, first axis = samples) or a folder of them."""
+    """Read an .npz (arrays named by input, first axis = samples) or a folder of .npz files and
+    NAME.npy files (the array of input NAME)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
         if not files:
-            raise UsageError(f"--calib {path}: the folder holds no .npz files")
+            raise UsageError(f"--calib {path}: the folder holds no .npz or .npy files")
     elif path.is_file():
         files = [path]
     else:
@@ -118,6 +121,11 @@ def load_calibration(graph: Graph, path: str | os.PathLike, *,
 
 
 def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    if file.suffix == ".npy":
+        try:
+            return {file.stem: np.load(file, allow_pickle=False)}
+        except Exception as exc:  # numpy raises several types for unreadable files
+            raise UsageError(f"--calib {file}: cannot read it as .npy ({type(exc).__name__})") from None
     try:
         with np.load(file, allow_pickle=False) as loaded:
             if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -204,6 +212,9 @@ def _batched(graph: Graph, arrays: dict[str, np.ndarray], batch_size: int | None
         raise UsageError(f"{label} {origin}: array(s) {name_list(unknown)} match no input of "
                          f"the model (inputs: {name_list(needed)})")
     counts = {name: (arrays[name].shape[0] if arrays[name].ndim else -1) for name in needed}
+    empty = [name for name, c in counts.items() if c == 0]
+    if empty:
+        raise UsageError(f"{label} {origin}: no samples in {name_list(empty)} (first axis is 0)")
     if any(c < 1 for c in counts.values()) or len(set(counts.values())) != 1:
         described = ", ".join(f"{n}: {c if c >= 0 else 'a scalar'}" for n, c in counts.items())
         raise UsageError(f"{label} {origin}: every array needs the same number of samples on "
