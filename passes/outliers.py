@@ -86,7 +86,7 @@ class OutlierSplit(Pass):
             decision = choose_kernel(graph, op, machine, costs, w_small, outliers,
                                      samples.get(op.name))
             if decision.kernel != ACC16:
-                result.count("kept_whole")
+                result.count("ops_kept_whole")
                 continue
             split_op(graph, op, w_small, w_out)
             op.meta[META_KERNEL] = ACC16
@@ -95,7 +95,7 @@ class OutlierSplit(Pass):
                 op.meta[META_INTENSITY] = format_intensity(decision.intensity)
             result.count("ops_split")
             result.count("outlier_weights", outliers)
-            result.count("weights_seen", w_small.size)
+            result.count("weights_of_split_ops", w_small.size)
         return result
 
 
