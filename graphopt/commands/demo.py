@@ -85,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
                  for backend, table in result.accuracy_by_backend.items()}
         text = ", ".join(f"{backend} {error:.3g}" for backend, error in worst.items())
         over = [backend for backend, error in worst.items() if error > budget]
-        verdict = (f"over the budget on {', '.join(over)}" if over else "within the budget")
-        print(f"\nquantization error on this input (rel L2, worst output): {text}; budget "
-              f"{budget:.3g}: {verdict}")
+        verdict = (f"this input is over it on {', '.join(over)}" if over
+                   else "this input is within it on every backend")
+        print(f"\nquantization error on this input (rel L2, worst output): {text}; the budget "
+              f"{budget:.3g} holds on the calibration samples, {verdict}")
     folder = args.keep or tempfile.mkdtemp(prefix="graphopt-demo-")
     os.makedirs(folder, exist_ok=True)
     models.save(model, os.path.join(folder, "before.onnx"))
