@@ -221,10 +221,11 @@ def timing_rows(shapes, outliers: float, repeats: int) -> list[dict]:
 TIMING_HEADER = (
     f"{'':<24} {'':>16} {'':>7} | {'MEASURED: graphopt numpy emulation':^52} | "
     f"{'PREDICTED native, fp32/x':^36}\n"
-    f"{'':<24} {'':>16} {'':>7} | {'ms (one thread)':^31} {'fp32/x (int8 on fp32 BLAS)':^20} | "
+    f"{'':<24} {'':>16} {'':>7} | {'ms (one thread)':^31} {'fp32/x, int8 on BLAS':^20} | "
     f"{'avx2':^19} {'avx512-vnni':^17}\n"
     f"{'shape':<24} {'M x K x N':>16} {'FLOP/B':>7} | {'fp32':>7} {'acc32':>7} {'acc16':>7} "
-    f"{'split':>7} {'acc32':>6} {'acc16':>6} {'split':>6} | {'a32':>5} {'a16':>5} {'spl':>5} {'b':>1} "
+    f"{'split':>7} {'acc32':>6} {'acc16':>6} {'split':>6} | "
+    f"{'a32':>5} {'a16':>5} {'spl':>5} {'b':>1} "
     f"{'a32':>5} {'a16':>5} {'spl':>5}")
 
 
@@ -317,8 +318,9 @@ def main() -> None:
     timing = timing_rows(shapes, args.outliers, 2 if args.quick else args.repeats)
     print("(measured = graphopt's numpy emulation: int8 on float32 BLAS plus, for acc16, an "
           "exact saturation model, so int8 is not faster there; predicted = graphopt.machine "
-          "roofline of a native kernel on that ISA; b = the acc32 roofline's bound on avx2 (compute/"
-          f"memory); FLOP/B = FLOPs per int8 weight byte; split = acc16 on |w|<=64 + sparse acc32 at {args.outliers:.0%} outliers)")
+          "roofline of a native kernel on that ISA; b = the acc32 roofline's bound on avx2 "
+          "(compute/memory); FLOP/B = FLOPs per int8 weight byte; split = acc16 on |w|<=64 + "
+          f"sparse acc32 at {args.outliers:.0%} outliers)")
     ridge = {t: timing[0]["predicted"][t]["ridge"] for t in TARGETS} if timing else {}
     print("ridge point of acc32 (FLOP/B): " + ", ".join(f"{t} {r:.0f}" for t, r in ridge.items())
           + "; below it kernel selection keeps acc32 whatever the roofline's bound (the shape-"

@@ -20,8 +20,15 @@ and the table shows:
   recogniser), else agreement with fp32: top-1 agreement (CNNs), per-time-step argmax agreement
   (OCR recogniser), cosine of sentence embeddings (MiniLM, the minimum over sentences), rel L2
   of the click probability (DLRM);
-- rt vs ORT: the graphopt runtime running the same O3 model against onnxruntime's O3 output
-  (both int8: this is kernel agreement, not quantization error);
+- unfused: the same distance with onnxruntime's graph optimizations off, so that its QDQ
+  groups run as DequantizeLinear -> float op -> QuantizeLinear: the contract's math with no
+  int8 kernel. Where "rel L2 O3" is far above it, onnxruntime's int8 kernels add error of their
+  own: on a CPU without VNNI its u8s8 GEMM sums weight*activation pairs in int16 (vpmaddubsw)
+  and saturates (benchmarks/int8_kernels.py measures how often);
+- rt vs fp32 / rt vs ORT: the graphopt runtime running the same O3 model against the fp32
+  output and against onnxruntime's O3 output (its int8 kernels);
+- acc16/32: int8 ops by `graphopt.kernel` meta; emb i8/f32: embedding tables made row-wise
+  int8 / kept float by the sensitivity search;
 - O3 s: wall time of `graphopt.optimize(graph, "O3")` (O2 passes, calibration, sensitivity
   search, rewrite) on this machine.
 """
@@ -241,10 +248,15 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def ort_outputs(model: onnx.ModelProto, batches: list[Feeds]) -> list[Feeds]:
+def ort_outputs(model: onnx.ModelProto, batches: list[Feeds], *, fuse: bool = True
+                ) -> list[Feeds]:
+    """onnxruntime's outputs; fuse=False disables its graph optimizations, so QDQ groups run
+    as DequantizeLinear + float op + QuantizeLinear (the contract's math, no int8 kernel)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not fuse:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
@@ -267,14 +279,24 @@ def measure(name: str) -> dict:
     report = graphopt.optimize(o3, "O3", options={"calibration": case.calibration})
     seconds = time.perf_counter() - start
     o2_model, o3_model = graphopt.to_model(o2), graphopt.to_model(o3)
-    quant = report.quantization or {}
+    quant = dict(report.quantization or {})
+    quantize_stats = report.stats_by_pass().get("quantize", {}).get("stats", {})
+    quant.setdefault("embeddings_fp32", quantize_stats.get("embeddings_fp32", 0))
+    kernels = [op.meta.get("graphopt.kernel") for op in o3.ops.values()
+               if op.meta.get("graphopt.quant") == "int8"
+               and not op.meta.get("graphopt.outlier_of")]
+    row_kernels = {"acc16": kernels.count("int8_acc16"), "acc32": kernels.count("int8_acc32"),
+                   "outlier_splits": sum(1 for op in o3.ops.values()
+                                         if op.meta.get("graphopt.outlier_of"))}
     row = {"model": name, "size": size, "o3_seconds": round(seconds, 2),
-           "quantization": quant, "calibration": report.calibration,
+           "quantization": quant, "calibration": report.calibration, "kernels": row_kernels,
            "weights_mb_o2": weight_bytes(o2_model) / 1e6,
            "weights_mb_o3": weight_bytes(o3_model) / 1e6}
     fp32 = ort_outputs(o2_model, case.eval_batches)
     int8 = ort_outputs(o3_model, case.eval_batches)
     row["rel_l2_o3"] = worst_rel_l2(int8, fp32)
+    qdq_math = ort_outputs(o3_model, case.eval_batches, fuse=False)
+    row["rel_l2_o3_unfused"] = worst_rel_l2(qdq_math, fp32)
     row["rel_l2_per_output"] = {k: rel_l2(stacked(int8, k), stacked(fp32, k)) for k in fp32[0]}
     label, before, after = case.metric(fp32, int8, o3_model)
     row.update(metric=label, metric_fp32=before, metric_int8=after)
@@ -282,29 +304,34 @@ def measure(name: str) -> dict:
     ours = [{k: v for k, v in session.run(feeds).items()} for feeds in case.eval_batches]
     row["runtime_vs_ort"] = worst_rel_l2(ours, int8)
     row["runtime_vs_fp32"] = worst_rel_l2(ours, fp32)
+    row["runtime_vs_unfused"] = worst_rel_l2(ours, qdq_math)
     row["int8_steps"] = len(getattr(session, "int8_steps", ()) or ())
     row["eval_samples"] = sum(len(next(iter(b.values()))) for b in case.eval_batches)
     row["notes"] = case.notes
     return row
 
 
-HEADER = (f"{'model':<15} {'ops i8/f16/f32':>14} {'emb i8':>6} {'weights MB O2->O3':>18} "
-          f"{'rel L2 O3':>9} {'task metric':<18} {'fp32':>7} {'int8':>8} {'rt vs fp32':>10} "
-          f"{'rt vs ORT':>9} {'O3 s':>6}")
+HEADER = (f"{'model':<15} {'ops i8/f16/f32':>14} {'acc16/32':>8} {'emb i8/f32':>10} "
+          f"{'weights MB O2->O3':>18} "
+          f"{'rel L2 O3':>9} {'unfused':>8} {'task metric':<18} {'fp32':>7} {'int8':>8} "
+          f"{'rt vs fp32':>10} {'rt vs ORT':>9} {'O3 s':>6}")
 
 
 def format_row(row: dict) -> str:
     q = row["quantization"]
     if "skipped" in q:
-        ops, emb = "skipped", "-"
+        ops, emb, kernels = "skipped", "-", "-"
     else:
-        ops, emb = f"{q['ops_int8']}/{q['ops_fp16']}/{q['ops_fp32']}", str(q["embeddings_int8"])
+        ops = f"{q['ops_int8']}/{q['ops_fp16']}/{q['ops_fp32']}"
+        emb = f"{q['embeddings_int8']}/{q['embeddings_fp32']}"
+        kernels = f"{row['kernels']['acc16']}/{row['kernels']['acc32']}"
     weights = f"{row['weights_mb_o2']:.2f}->{row['weights_mb_o3']:.2f}"
     before = "-" if row["metric_fp32"] is None else f"{row['metric_fp32']:.4f}"
     after = row["metric_int8"]
     after_text = f"{after:.2e}" if "L2" in row["metric"] else f"{after:.4f}"
     name = row["model"] + ("" if row["size"] == "default" else f" ({row['size'][0]})")
-    return (f"{name:<15} {ops:>14} {emb:>6} {weights:>18} {row['rel_l2_o3']:9.2e} "
+    return (f"{name:<15} {ops:>14} {kernels:>8} {emb:>10} {weights:>18} {row['rel_l2_o3']:9.2e} "
+            f"{row['rel_l2_o3_unfused']:8.2e} "
             f"{row['metric']:<18} {before:>7} {after_text:>8} {row['runtime_vs_fp32']:10.2e} "
             f"{row['runtime_vs_ort']:9.1e} "
             f"{row['o3_seconds']:6.1f}")
@@ -330,8 +357,11 @@ def main() -> None:
         rows.append(row)
         print(format_row(row), flush=True)
     print("(rel L2 O3 = onnxruntime O3 vs onnxruntime O2 on evaluation inputs disjoint from the "
-          "calibration inputs, worst output; rt vs ORT = graphopt runtime vs onnxruntime, both "
-          "on the O3 model; (s) = size small; O3 budget 2e-2 on the calibration batches)")
+          "calibration inputs, worst output; unfused = the same with onnxruntime's graph "
+          "optimizations off, so the QDQ groups run as float math (no int8 kernels); rt = the "
+          "graphopt runtime on the O3 model, vs ORT = vs onnxruntime's O3 output (its int8 "
+          "kernels); acc16/32 = int8 ops per kernel meta; emb = embedding tables int8/kept fp32; "
+          "(s) = size small; the O3 budget is 2e-2 on the calibration batches)")
     for row in rows:
         for note in row["notes"]:
             print(note)
