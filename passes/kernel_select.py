@@ -35,18 +35,16 @@ from graphopt.errors import UsageError
 from graphopt.ir import Graph, Op
 from graphopt.machine import Machine, detect_machine, modeled_machine, roofline
 from graphopt.pass_manager import Pass, PassContext, PassResult
-from graphopt.passes.qparams import QParams
-from graphopt.passes.quantize import (DEFAULT_ERROR_BUDGET, META_INTENSITY, META_KERNEL,
-                                      META_OUTLIER_OF, META_QUANT, META_REASON, VERIFY_SLACK,
-                                      quantization_state)
+from graphopt.passes.qparams import NARROW_QMAX, QParams
+from graphopt.passes.quantize import (DEFAULT_ERROR_BUDGET, MAX_OUTLIER_FRACTION, META_INTENSITY,
+                                      META_KERNEL, META_OUTLIER_OF, META_QUANT, META_REASON,
+                                      VERIFY_SLACK, quantization_state)
 
 ACC16 = "int8_acc16"
 ACC32 = "int8_acc32"
 #: Weights with |w_q| above this go to the outlier part (contract item 7: 2 * 255 * 64 = 32640
 #: keeps every vpmaddubsw pair sum inside int16).
-OUTLIER_THRESHOLD = 64
-#: Above this share of weights beyond T the sparse product eats acc16's gain: keep acc32.
-MAX_OUTLIER_FRACTION = 0.05
+OUTLIER_THRESHOLD = NARROW_QMAX
 #: acc16 must be predicted at least this much faster than acc32 to be worth its risk.
 ACC16_MIN_SPEEDUP = 1.1
 #: Relative L2 error of the int32 accumulators acc16 may show on the calibration sample: an

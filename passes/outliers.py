@@ -13,11 +13,14 @@ it at load, the graphopt runtime runs it as a sparse int32 product: runtime/kern
 sparse_int8.py). The outlier op carries `graphopt.kernel=int8_acc32` and
 `graphopt.outlier_of=<main op>`; the bias stays on the main op.
 
-Only ops KernelSelect would run acc16 are split (kernel_select.choose_kernel, the same decision,
-evaluated with the split weights): compute-bound on a pre-VNNI target, outliers at most 5% of
-the weights, acc16 predicted faster after the sparse product's cost, and no harmful saturation
-on the calibration sample. The main op gets `graphopt.kernel=int8_acc16` here already, so the
-graph is consistent even when kernel_select is disabled.
+Which ops are split: on a target without VNNI, every int8 op with weights beyond T. Quantize
+gave such ops 8 bits only where at most 5% of their weights lie beyond T (the others got 7-bit
+weights, |w_q| <= 64, and need no split), and a pre-VNNI int8 kernel, acc16 or acc32 alike,
+sums u8*s8 pairs in 16 bits (vpmaddubsw): unsplit, those few large weights would saturate it
+(onnxruntime's AVX2 kernels do). On VNNI targets nothing is split (vpdpbusd accumulates in 32
+bits). The main op gets its kernel here from kernel_select.choose_kernel (the same decision
+KernelSelect takes, on the dense part plus the sparse product's cost), so the graph is
+consistent even when kernel_select is disabled.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from onnx import helper, numpy_helper
 from graphopt.ir import Graph, Op
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_epilogue import EPILOGUE_META, FUSE_META
-from graphopt.passes.kernel_select import (ACC16, ACC32, KERNEL_OPS, OUTLIER_THRESHOLD,
+from graphopt.passes.kernel_select import (ACC32, KERNEL_OPS, OUTLIER_THRESHOLD, VNNI_ISAS,
                                            choose_kernel, cost_context, format_intensity,
                                            int8_ops, int8_weight, outlier_ops,
                                            resolve_machine, split_weights)
@@ -49,8 +52,8 @@ def sparse_initializer(name: str, dense: np.ndarray) -> onnx.SparseTensorProto:
 
 
 class OutlierSplit(Pass):
-    """Splits the weights of acc16-bound int8 ops into a dense small part and a sparse outlier
-    op (module docstring). Options (ctx): `machine` or `target`, `shapes`."""
+    """Splits the weights of int8 ops with values beyond T into a dense small part and a sparse
+    outlier op on targets without VNNI (module docstring). Options (ctx): `machine` or `target`, `shapes`."""
 
     name = "outlier_split"
     recurse_subgraphs = False
@@ -80,16 +83,15 @@ class OutlierSplit(Pass):
         if not candidates:
             return result
         machine = resolve_machine(ctx)
+        if machine.isa in VNNI_ISAS:
+            return result
         costs = cost_context(graph, ctx, [c[0] for c in candidates])
         samples = quantization_state(ctx).samples
         for op, w_small, w_out, outliers in candidates:
             decision = choose_kernel(graph, op, machine, costs, w_small, outliers,
                                      samples.get(op.name))
-            if decision.kernel != ACC16:
-                result.count("ops_kept_whole")
-                continue
             split_op(graph, op, w_small, w_out)
-            op.meta[META_KERNEL] = ACC16
+            op.meta[META_KERNEL] = decision.kernel
             op.meta[META_REASON] = decision.reason
             if decision.intensity is not None:
                 op.meta[META_INTENSITY] = format_intensity(decision.intensity)

@@ -17,7 +17,8 @@ then scale = (hi - lo) / 255 and zero_point = round(-lo / scale). Methods:
 
 Weights (per output channel, symmetric int8, zero point 0): per channel the clipping threshold
 c = ratio * max|w| that minimizes the squared error of the channel's weights themselves (ratios
-0.5..1), scale = c / 127, values in [-127, 127]. Embedding tables are quantized per row
+0.5..1), scale = c / qmax, values in [-qmax, qmax]: qmax = 127, or NARROW_QMAX = 64 (7 bits) for
+targets whose int8 kernels sum pairs of u8*s8 products in 16 bits (see passes/quantize.py). Embedding tables are quantized per row
 (symmetric, scale = max|row| / 127): rows are short, so clipping buys little, and a >2 GB table
 is then one streaming pass.
 
@@ -43,6 +44,8 @@ from graphopt.ir import Graph
 METHODS = ("l2", "minmax", "percentile", "kl")
 UINT8_LEVELS = 256
 INT8_MAX = 127
+#: Largest |w_q| for which a pre-VNNI u8*s8 pair sum cannot leave int16: 2 * 255 * 64 = 32640.
+NARROW_QMAX = 64
 
 #: Ops whose output holds (a selection of) the input's values unchanged.
 PASS_THROUGH = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
@@ -281,8 +284,10 @@ def shared_groups(graph: Graph) -> dict[str, str]:
 _WEIGHT_RATIOS = np.linspace(0.5, 1.0, 26)
 
 
-def weight_scales(w: np.ndarray, axis: int, method: str = "l2") -> np.ndarray:
-    """Per-channel symmetric int8 scales (float32 [C]) of weights `w` along `axis`."""
+def weight_scales(w: np.ndarray, axis: int, method: str = "l2", qmax: int = INT8_MAX
+                  ) -> np.ndarray:
+    """Per-channel symmetric scales (float32 [C]) of weights `w` along `axis` for integer
+    values in [-qmax, qmax]."""
     rows = np.moveaxis(np.asarray(w, dtype=np.float32), axis, 0).reshape(w.shape[axis], -1)
     absmax = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], np.float32)
     if method != "l2" or rows.shape[1] < 2:
@@ -292,21 +297,22 @@ def weight_scales(w: np.ndarray, axis: int, method: str = "l2") -> np.ndarray:
         best_err = np.full(rows.shape[0], np.inf)
         for ratio in _WEIGHT_RATIOS:
             clip = absmax * np.float32(ratio)
-            scale = np.where(clip > 0, clip / INT8_MAX, 1.0).astype(np.float32)[:, None]
-            q = np.clip(np.rint(rows / scale), -INT8_MAX, INT8_MAX)
+            scale = np.where(clip > 0, clip / qmax, 1.0).astype(np.float32)[:, None]
+            q = np.clip(np.rint(rows / scale), -qmax, qmax)
             err = np.square(q * scale - rows).sum(axis=1)
             better = err < best_err
             best[better], best_err[better] = clip[better], err[better]
-    scales = np.where(best > 0, best / INT8_MAX, 1.0).astype(np.float32)
+    scales = np.where(best > 0, best / qmax, 1.0).astype(np.float32)
     return scales
 
 
-def quantize_weights(w: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
-    """Symmetric int8 of `w` with per-channel `scales` along `axis` (values in [-127, 127])."""
+def quantize_weights(w: np.ndarray, scales: np.ndarray, axis: int, qmax: int = INT8_MAX
+                     ) -> np.ndarray:
+    """Symmetric int8 of `w` with per-channel `scales` along `axis` (values in [-qmax, qmax])."""
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.rint(np.asarray(w, dtype=np.float32) / scales.reshape(shape))
-    return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.clip(q, -qmax, qmax).astype(np.int8)
 
 
 def rowwise_int8(table: np.ndarray, chunk_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:

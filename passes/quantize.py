@@ -14,6 +14,12 @@ graphopt runtime executes the same file with the kernels the node metadata names
    `DequantizeLinear(W_q, w_scale[C_out] float32, w_zp[C_out] int8 zeros, axis=...)` with axis 0
    for Conv weights [C_out, C_in/g, kH, kW] (and ConvTranspose: axis 1, layout
    [C_in, C_out/g, ...]), Gemm B: axis 0 if transB=1 else 1, MatMul B [K, N]: axis 1.
+   Values in [-127, 127]; on targets without VNNI in [-64, 64] (7 bits, meta
+   `graphopt.weight_bits=7`) unless at most 5% of the 8-bit values exceed 64, which then go to
+   the outlier part (item 7): pre-VNNI int8 kernels, acc32 ones included, sum u8*s8 pairs in 16
+   bits (vpmaddubsw), and 2 * 255 * 64 = 32640 is the most that cannot saturate. (onnxruntime's
+   AVX2 kernels with full-range weights were 4x the error budget off the QDQ math; with 7-bit
+   weights they agree with it.)
 3. Bias (Conv, Gemm): int32 initializer with scale x_scale * w_scale[c] and zero point 0:
    `DequantizeLinear(b_q, x_scale*w_scale, axis=0)`.
 4. Output of a quantized op: `op -> QuantizeLinear(y, y_scale, y_zp uint8) -> DequantizeLinear`
@@ -98,8 +104,8 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import Graph, Op, Value
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_common import is_onnx, scalar, sole_reader, unique_op_names
-from graphopt.passes.qparams import ActivationBounds, QParams, affine_qparams, choose_range, \
-    quantize_weights, rowwise_int8, shared_groups, weight_scales
+from graphopt.passes.qparams import NARROW_QMAX, ActivationBounds, QParams, affine_qparams, \
+    choose_range, quantize_weights, rowwise_int8, shared_groups, weight_scales
 
 T = onnx.TensorProto
 
@@ -110,12 +116,16 @@ META_INTENSITY = "graphopt.op_intensity"
 META_REASON = "graphopt.reason"
 META_OUTLIER_OF = "graphopt.outlier_of"
 META_SENSITIVITY = "graphopt.sensitivity"
+META_WEIGHT_BITS = "graphopt.weight_bits"
 
 #: Default relative L2 error the quantized model may show on its outputs (see the docstring).
 DEFAULT_ERROR_BUDGET = 2e-2
 #: Numeric verification lets a quantization pass move the outputs this many budgets: the budget
 #: holds on the evaluation batches, other inputs (and onnxruntime's own int8 kernels) differ.
 VERIFY_SLACK = 3.0
+#: On targets without VNNI, 8-bit weights keep 8 bits only while at most this share of them lies
+#: beyond NARROW_QMAX (they then run as a sparse outlier product); the rest get 7 bits.
+MAX_OUTLIER_FRACTION = 0.05
 #: Tables smaller than this stay float: row-wise int8 saves little on them.
 EMBEDDING_MIN_BYTES = 64 << 10
 #: The evaluation set: the first calibration batches up to this many samples (at most 4 batches).
@@ -330,20 +340,38 @@ def tensors_to_calibrate(graph: Graph, names: Iterable[str]) -> list[str]:
 # quantized weights (computed once, shared by every evaluation)
 # ---------------------------------------------------------------------------------------------
 class WeightCache:
-    """Per-channel int8 weights and row-wise int8 tables of the candidates, computed once."""
+    """Per-channel int8 weights and row-wise int8 tables of the candidates, computed once.
 
-    def __init__(self, graph: Graph, method: str = "l2") -> None:
+    `narrow` (a target without VNNI): weights whose 8-bit values have more than
+    MAX_OUTLIER_FRACTION beyond NARROW_QMAX are quantized to 7 bits instead ([-64, 64]), so no
+    u8*s8 pair sum of a 16-bit multiply-add step can saturate (onnxruntime's AVX2 kernels showed
+    4x the budget's error from it); the others keep 8 bits and OutlierSplit moves their few
+    large values to a sparse 32-bit product (contract item 7)."""
+
+    def __init__(self, graph: Graph, method: str = "l2", narrow: bool = False) -> None:
         self.graph = graph
         self.method = method
+        self.narrow = narrow
         self._int8: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        #: op name -> share of 8-bit weights beyond NARROW_QMAX, for ops quantized to 7 bits.
+        self.seven_bit: dict[str, float] = {}
 
     def int8(self, c: Candidate) -> tuple[np.ndarray, np.ndarray]:
         """(int8 weights in the op's layout, float32 scales per output channel)."""
         if c.op_name not in self._int8:
             w = self.graph.values[c.weight].const
-            scales = weight_scales(w, c.axis, "l2" if self.method == "l2" else "minmax")
-            self._int8[c.op_name] = (quantize_weights(w, scales, c.axis), scales)
+            method = "l2" if self.method == "l2" else "minmax"
+            scales = weight_scales(w, c.axis, method)
+            q = quantize_weights(w, scales, c.axis)
+            if self.narrow:
+                beyond = float(np.count_nonzero(np.abs(q.astype(np.int16)) > NARROW_QMAX)) \
+                    / max(q.size, 1)
+                if beyond > MAX_OUTLIER_FRACTION:
+                    scales = weight_scales(w, c.axis, method, NARROW_QMAX)
+                    q = quantize_weights(w, scales, c.axis, NARROW_QMAX)
+                    self.seven_bit[c.op_name] = beyond
+            self._int8[c.op_name] = (q, scales)
         return self._int8[c.op_name]
 
     def rowwise(self, c: Candidate) -> tuple[np.ndarray, np.ndarray]:
@@ -369,8 +397,8 @@ def apply_plan(graph: Graph, candidates: Sequence[Candidate], plan: Plan,
     """Rewrite `graph` per the plan (contract items 1-6); counts of what was done."""
     ops = {op.name: op for op in graph.ops.values()}
     editor = _Editor(graph, qparams)
-    counts = {"ops_int8": 0, "ops_fp16": 0, "ops_fp32": 0, "embeddings_int8": 0,
-              "embeddings_fp32": 0}
+    counts = {"ops_int8": 0, "ops_int8_7bit": 0, "ops_fp16": 0, "ops_fp32": 0,
+              "embeddings_int8": 0, "embeddings_fp32": 0}
     for c in candidates:
         decision = plan.decisions.get(c.op_name)
         op = ops.get(c.op_name)
@@ -385,6 +413,9 @@ def apply_plan(graph: Graph, candidates: Sequence[Candidate], plan: Plan,
         elif decision == "int8":
             editor.int8(op, c, *weights.int8(c))
             counts["ops_int8"] += 1
+            seven = c.op_name in weights.seven_bit
+            counts["ops_int8_7bit"] += seven
+            op.meta[META_WEIGHT_BITS] = "7" if seven else "8"
         elif decision == "fp16" and editor.fp16(op, c):
             counts["ops_fp16"] += 1
         else:
@@ -809,7 +840,8 @@ class Quantize(Pass):
             return result
 
         eval_count = _eval_batches(data)
-        weights = WeightCache(graph, method)
+        narrow = _narrow_weights(ctx)
+        weights = WeightCache(graph, method, narrow)
         evaluator = Evaluator(graph, candidates, qparams, weights, data.batches[:eval_count],
                               run.outputs[:eval_count])
         fp16_ok = lambda c: float(np.abs(graph.values[c.weight].const).max(initial=0.0)) <= _FP16_MAX
@@ -831,12 +863,20 @@ class Quantize(Pass):
         state.summary = {
             "error_rel_l2": float(f"{selection.error:.4g}"), "budget": budget,
             "error_all_int8": float(f"{selection.error_all_int8:.4g}"),
-            "ops_int8": counts["ops_int8"], "ops_fp16": counts["ops_fp16"],
+            "ops_int8": counts["ops_int8"], "ops_int8_7bit": counts["ops_int8_7bit"],
+            "narrow_weights": narrow, "ops_fp16": counts["ops_fp16"],
             "ops_fp32": counts["ops_fp32"], "embeddings_int8": counts["embeddings_int8"],
             "evaluations": selection.evaluations, "eval_samples": _samples(data, eval_count),
             "method": method, "seconds": round(time.perf_counter() - start, 3),
         }
         return result
+
+
+def _narrow_weights(ctx: PassContext) -> bool:
+    """Whether the target's int8 kernels need |w_q| <= NARROW_QMAX for exact pair sums: every
+    ISA without VNNI (vpmaddubsw saturates a1*w1 + a2*w2 at int16)."""
+    from graphopt.passes.kernel_select import VNNI_ISAS, resolve_machine
+    return resolve_machine(ctx).isa not in VNNI_ISAS
 
 
 def _eval_batches(data: CalibrationData) -> int:

@@ -18,7 +18,8 @@ import graphopt
 from graphopt import models
 from graphopt.errors import UsageError
 from graphopt.machine import detect_machine, modeled_machine
-from graphopt.passes.kernel_select import ACC16_MAX_ERROR, OUTLIER_THRESHOLD, acc16_error
+from graphopt.passes.kernel_select import ACC16_MAX_ERROR, OUTLIER_THRESHOLD, acc16_error, \
+    int8_weight
 from graphopt.passes.outliers import split_weights
 from graphopt.passes.qparams import affine_qparams
 from graphopt.pipeline import optimize
@@ -392,13 +393,47 @@ def test_acc16_error_measures_saturation():
     assert acc16_error(conv, small, x, qp) == 0.0
 
 
-def test_acc16_that_saturates_on_calibration_keeps_acc32_and_the_op_whole():
+def test_acc16_that_saturates_on_calibration_keeps_acc32():
     graph, report = quantized(conv_net(seed=5))
     conv2 = ops_by_name(graph)["conv2"]
     assert conv2.meta["graphopt.kernel"] == "int8_acc32"
     assert "saturates on the calibration sample" in conv2.meta["graphopt.reason"]
-    assert not any("graphopt.outlier_of" in op.meta for op in graph.ops.values())
-    assert "ops_split" not in stats(report, "outlier_split")
+    # still split: a pre-VNNI acc32 kernel sums u8*s8 pairs in 16 bits too
+    outliers = [op for op in graph.ops.values() if op.meta.get("graphopt.outlier_of") == "conv2"]
+    assert len(outliers) == 1 and outliers[0].meta["graphopt.kernel"] == "int8_acc32"
+    assert stats(report, "outlier_split")["ops_split"] == 1
+
+
+def gaussian_conv_net() -> onnx.ModelProto:
+    """conv_net with Gaussian weights: far more than 5% of their 8-bit values exceed 64."""
+    model = conv_net()
+    rng = np.random.default_rng(11)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim >= 2:
+            init.CopyFrom(numpy_helper.from_array(
+                (rng.standard_normal(w.shape) * 0.1).astype(np.float32), init.name))
+    return model
+
+
+def test_pre_vnni_targets_get_7_bit_weights_that_onnxruntime_sums_exactly():
+    model = gaussian_conv_net()
+    feeds = images(7)
+    expected = ort_run(model, feeds)[0]
+    narrow, report = quantized(model, "avx2")
+    wide, _ = quantized(model, "avx512-vnni")
+    for name in ("conv1", "conv2", "fc"):
+        w7 = int8_weight(narrow, ops_by_name(narrow)[name])
+        w8 = int8_weight(wide, ops_by_name(wide)[name])
+        assert ops_by_name(narrow)[name].meta["graphopt.weight_bits"] == "7"
+        assert ops_by_name(wide)[name].meta["graphopt.weight_bits"] == "8"
+        assert np.abs(w7.astype(int)).max() <= 64 < np.abs(w8.astype(int)).max()
+    assert report.quantization["ops_int8_7bit"] == 3 and report.quantization["narrow_weights"]
+    # 7-bit weights: onnxruntime's fused u8s8 kernels now agree with the unfused QDQ math
+    fused = ort_run(graphopt.to_model(narrow), feeds)[0]
+    unfused = ort_run(graphopt.to_model(narrow), feeds, optimized=False)[0]
+    assert rel_l2(fused, unfused) < 2e-3
+    assert rel_l2(fused, expected) <= 1.5 * BUDGET
 
 
 def test_intensity_is_known_where_inference_cannot_see_a_shape():
