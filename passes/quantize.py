@@ -68,9 +68,10 @@ graphopt runtime executes the same file with the kernels the node metadata names
    (passes/qparams.py: L2-optimal range by default, net-aware bounds, shared scales across
    Concat/MaxPool/Reshape/...).
 3. Sensitivity: each candidate is quantized alone (weights, input, output, bias as in the
-   contract) and the model runs on the evaluation batches (the first calibration batches, up to
-   16 samples); its sensitivity is the relative L2 error of the model outputs against float
-   (||y - y_float|| / ||y_float||, the worst output).
+   contract) and the model runs on the first calibration batch; its sensitivity is the relative
+   L2 error of the model outputs against float (||y - y_float|| / ||y_float||, the worst
+   output). It only ranks the ops, so one batch serves; the model errors that decide (step 4)
+   are measured on the evaluation batches (the first calibration batches, up to 16 samples).
 4. Selection: all candidates in int8; while the model error exceeds `quant_error_budget`, the
    most sensitive remaining op goes back to float: fp16 weights (the error fp16 adds is three to
    four orders below int8's) where they fit float16, else fp32. One op at a time for the first
@@ -675,21 +676,24 @@ class Selection:
 
 
 def select(candidates: Sequence[Candidate], error_of, budget: float, *,
-           sensitivity: dict[str, float] | None = None, fp16_ok=lambda c: True) -> Selection:
+           sensitivity: dict[str, float] | None = None, fp16_ok=lambda c: True,
+           sensitivity_of=None) -> Selection:
     """The plan with the most int8 ops whose model error is within `budget` (module docstring,
     steps 3-4). `error_of(plan) -> float` measures a plan; `sensitivity` (op -> error of that op
-    alone) is measured here when not given."""
+    alone) is measured here when not given, with `sensitivity_of` (default `error_of`: a
+    cheaper measure on fewer samples serves, since it only ranks the ops)."""
     evaluations = 0
 
-    def measure(decisions: dict[str, str]) -> float:
+    def measure(decisions: dict[str, str], measure_with=error_of) -> float:
         nonlocal evaluations
         evaluations += 1
-        return error_of(Plan(decisions))
+        return measure_with(Plan(decisions))
 
     names = [c.op_name for c in candidates]
     by_name = {c.op_name: c for c in candidates}
     if sensitivity is None:
-        sensitivity = {name: measure({name: "int8"}) for name in names}
+        sensitivity = {name: measure({name: "int8"}, sensitivity_of or error_of)
+                       for name in names}
     order = sorted(names, key=lambda n: (-sensitivity[n], names.index(n)))
     all_int8 = {name: "int8" for name in names}
     error_all = measure(all_int8)
@@ -846,7 +850,10 @@ class Quantize(Pass):
                               run.outputs[:eval_count])
         fp16_ok = lambda c: float(np.abs(graph.values[c.weight].const).max(initial=0.0)) <= _FP16_MAX
         chooser = select_lazily if ctx.option("quant_sensitivity", "auto") == "auto" else select
-        selection = chooser(candidates, evaluator.error, budget, fp16_ok=fp16_ok)
+        ranking = Evaluator(graph, candidates, qparams, weights, data.batches[:1],
+                            run.outputs[:1]) if eval_count > 1 else evaluator
+        selection = chooser(candidates, evaluator.error, budget, fp16_ok=fp16_ok,
+                            sensitivity_of=ranking.error)
 
         counts = apply_plan(graph, candidates, selection.plan, qparams, weights)
         for c in candidates:
