@@ -1,7 +1,7 @@
 """int8 kernels side by side: fp32 BLAS, exact acc32, the acc16 model, the outlier split; the
 roofline's predictions per ISA next to them; and why the split exists (acc16 saturation rates).
 
-    python benchmarks/int8_kernels.py                    # ~2-4 min on one core
+    python benchmarks/int8_kernels.py                    # ~30 s on one core
     python benchmarks/int8_kernels.py --quick --json int8.json
 
 Part 1, time per GEMM shape (M x K activations, K x N weights) typical of the models: FC layers
