@@ -120,6 +120,28 @@ def test_acc16_matches_reference(trial):
         np.testing.assert_array_equal(got, acc16_reference(a, b, k_block, saturate_sum))
 
 
+@pytest.mark.parametrize("trial", range(6))
+def test_acc16_scattered_saturation_matches_reference(trial):
+    """Small mixed-sign products everywhere (the signed partial-sum range clears them) and a
+    few outputs whose row and column are both large and same-signed: those alone are emulated,
+    one output at a time."""
+    rng = np.random.default_rng(RNG_SEED + 100 + trial)
+    m, k, n = 24, 64, 20
+    a = rng.integers(0, 40, (m, k)).astype(np.uint8)
+    b = rng.integers(-20, 21, (k, n)).astype(np.int8)
+    hot_rows = rng.choice(m, 2, replace=False)
+    hot_cols = rng.choice(n, 2, replace=False)
+    a[hot_rows] = rng.integers(200, 256, (2, k))
+    b[:, hot_cols] = rng.integers(60, 128, (k, 2))
+    for saturate_sum in (True, False):
+        got = int_gemm_acc16(a, b, k_block=32, saturate_sum=saturate_sum)
+        expected = acc16_reference(a, b, 32, saturate_sum)
+        np.testing.assert_array_equal(got, expected)
+    exact = int_gemm_exact(a, b)
+    saturated = got != exact
+    assert saturated.any() and saturated.sum() <= 4
+
+
 def test_acc16_saturates_where_the_exact_result_does_not():
     a = np.full((1, 8), 255, np.uint8)
     b = np.full((8, 2), 127, np.int8)

@@ -285,11 +285,14 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
     with ones into int32, as onnxruntime's MLAS does without VNNI): pairs saturate, their sum
     does not: result = sum over pairs of sat16(a[m,k] b[k,n] + a[m,k+1] b[k+1,n]).
 
-    Fast path: sum_k |a_mk| |b_kn| over a block bounds every intermediate; where it is
-    <= 32767 the exact GEMM is the answer. The other (block, m, n) triples are emulated: per
-    block, a loop over the block's k-pairs applies the saturating updates to all the risky
-    outputs at once (a loop over K, never over outputs; 2-D operands narrow it to the risky
-    rows x risky columns first); the result replaces the exact block sum there.
+    Fast path: every intermediate of a block lies between the sum of its negative products and
+    the sum of its positive ones (two or four float32 GEMMs of the operands' signed parts,
+    `_acc16_risky`); where that range fits int16 the exact GEMM is the answer. The other
+    (block, m, n) triples are emulated: per block, a loop over the block's k-pairs applies the
+    saturating updates to all the risky outputs at once (a loop over K, never over outputs).
+    2-D operands narrow it first: to the risky outputs themselves when they are scattered (a
+    quarter or less of their rows x columns), else to the risky rows x risky columns. The
+    result replaces the exact block sum there.
     """
     if a.ndim < 2 or b.ndim < 2:
         raise ValueError("int_gemm_acc16 takes operands of at least 2 dims")
@@ -316,9 +319,18 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
             continue
         a_blk = a32[..., k0:k1]
         b_blk = b32[..., k0:k1, :]
-        if mask.ndim == 2:      # 2-D operands: only the risky rows x risky columns
+        if mask.ndim == 2:      # 2-D operands: only the risky outputs
             rows = np.flatnonzero(mask.any(axis=1))
             cols = np.flatnonzero(mask.any(axis=0))
+            risky_m, risky_n = np.nonzero(mask)
+            if 4 * risky_m.size < rows.size * cols.size:   # scattered: one output at a time
+                for start in range(0, risky_m.size, _SCAN_OUTPUTS):
+                    m_idx = risky_m[start:start + _SCAN_OUTPUTS]
+                    n_idx = risky_n[start:start + _SCAN_OUTPUTS]
+                    acc16, exact_blk = _acc16_scan_outputs(a_blk[m_idx], b_blk[:, n_idx].T,
+                                                           saturate_sum)
+                    result[m_idx, n_idx] += acc16 - exact_blk
+                continue
             acc16, exact_blk = _acc16_scan(a_blk[rows], b_blk[:, cols], saturate_sum)
             sub = np.ix_(rows, cols)
             result[sub] += np.where(mask[sub], acc16 - exact_blk, 0)
@@ -329,22 +341,58 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
 
 
 def _acc16_risky(a_blk: np.ndarray, b_blk: np.ndarray, refine: bool) -> np.ndarray | None:
-    """Mask (..., M, N) of the outputs whose block sum sum_k |a_mk| |b_kn| may exceed 32767,
-    or None when none can. A cheap bound first (per-row L1 x per-column max, and the other
-    way round); with `refine` (2-D operands), the exact bound (a GEMM of absolute values) for
-    the outputs the cheap one could not clear."""
+    """Mask (..., M, N) of the outputs whose 16-bit sums over the block may leave int16, or None
+    when none can. A cheap bound first (per-row L1 x per-column max, and the other way round);
+    then, for the outputs it could not clear, the exact range of every partial sum: each pair
+    sum and running sum lies between the sum of the block's negative products and the sum of
+    its positive ones, which are GEMMs of the operands' positive and negative parts (two when
+    the activations are unsigned, as they are for uint8). That range is far narrower than
+    sum_k |a_mk| |b_kn| when the weights mix signs. (`refine` is kept for callers; the range
+    test runs for every operand rank.)"""
     abs_a = np.abs(a_blk).astype(np.int64)
     abs_b = np.abs(b_blk).astype(np.int64)
     cheap = np.minimum(abs_a.sum(axis=-1)[..., :, None] * abs_b.max(axis=-2)[..., None, :],
                        abs_a.max(axis=-1)[..., :, None] * abs_b.sum(axis=-2)[..., None, :])
-    mask = cheap > INT16_MAX
-    if not mask.any():
+    if not (cheap > INT16_MAX).any():
         return None
-    if refine:
-        mask = np.matmul(abs_a.astype(np.float32), abs_b.astype(np.float32)) > INT16_MAX
-        if not mask.any():
-            return None
-    return mask
+    highest, lowest = _partial_sum_range(a_blk, b_blk)
+    mask = (highest > INT16_MAX) | (lowest < INT16_MIN)
+    return mask if mask.any() else None
+
+
+def _partial_sum_range(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of positive products, sum of negative products) per output of a (..., M, K) @
+    b (..., K, N), exactly in float32 (operands of 8-bit magnitude, K <= ACC16_K_BLOCK)."""
+    af = a.astype(np.float32)
+    bf = b.astype(np.float32)
+    b_pos, b_neg = np.maximum(bf, 0), np.minimum(bf, 0)
+    if not (af < 0).any():
+        return np.matmul(af, b_pos), np.matmul(af, b_neg)
+    a_pos, a_neg = np.maximum(af, 0), np.minimum(af, 0)
+    return (np.matmul(a_pos, b_pos) + np.matmul(a_neg, b_neg),
+            np.matmul(a_pos, b_neg) + np.matmul(a_neg, b_pos))
+
+
+#: Outputs the per-output acc16 scan handles at once (its pair table is outputs x K-block/2).
+_SCAN_OUTPUTS = 1 << 14
+
+
+def _acc16_scan_outputs(a_rows: np.ndarray, b_cols: np.ndarray, saturate_sum: bool
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(acc16 model, exact sum) of one K-block for P chosen outputs: a_rows (P, KB) holds each
+    output's activation row, b_cols (P, KB) its weight column (KB even). The pair sums come
+    out of one vectorized product; only the saturating running sum loops, over the pairs."""
+    products = a_rows * b_cols
+    pairs = products[:, 0::2] + products[:, 1::2]
+    exact = pairs.sum(axis=1, dtype=np.int64).astype(np.int32)
+    _sat16(pairs)
+    if not saturate_sum:
+        return pairs.sum(axis=1, dtype=np.int64).astype(np.int32), exact
+    acc16 = np.zeros(pairs.shape[0], np.int32)
+    for column in pairs.T:
+        acc16 += column
+        _sat16(acc16)
+    return acc16, exact
 
 
 def _acc16_scan(a_blk: np.ndarray, b_blk: np.ndarray, saturate_sum: bool
