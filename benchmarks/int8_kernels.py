@@ -27,7 +27,8 @@ where int8 gains only its 4x smaller weight bytes and acc16 gains nothing over a
 
 Part 2, acc16 saturation: the fraction of int32 accumulators (after zero-point corrections)
 that differ from the exact ones, on per-channel int8 weights quantized (L2 scales, as the
-quantize pass does) from Student-t samples (heavy tails, as trained weights have) and uint8
+quantize pass does; full 8-bit range, and 7-bit as O3 emits for pre-VNNI targets) from
+Student-t samples (heavy tails, as trained weights have) and uint8
 activations: post-ReLU (zero point 0, half zeros) and centred (zero point 128, as an input
 that is not a ReLU's output). Columns: dense acc16 (FBGEMM vpmaddubsw + vpaddsw model), split
 (acc16 on W_small + exact outliers), and onnxruntime's AVX2 u8s8 kernel model (vpmaddubsw
@@ -53,7 +54,7 @@ import numpy as np  # noqa: E402
 from graphopt.cost import GEMM, GemmShape, OpCost  # noqa: E402
 from graphopt.machine import Machine, detect_machine, modeled_machine, roofline  # noqa: E402
 from graphopt.passes.kernel_select import OUTLIER_THRESHOLD, outlier_time  # noqa: E402
-from graphopt.passes.qparams import quantize_weights, weight_scales  # noqa: E402
+from graphopt.passes.qparams import NARROW_QMAX, quantize_weights, weight_scales  # noqa: E402
 from graphopt.runtime.kernels.gemm import int_gemm_acc16  # noqa: E402
 from graphopt.runtime.kernels.int8 import IntMatMul  # noqa: E402
 from graphopt.runtime.kernels.sparse_int8 import SparseInt8  # noqa: E402
@@ -112,10 +113,14 @@ def bag_counts(rng: np.random.Generator, m: int, k: int, bag: int = 32) -> np.nd
     return a
 
 
-def student_t_int8(rng: np.random.Generator, k: int, n: int, df: float) -> np.ndarray:
-    """(K, N) int8 weights: Student-t samples, per-output-channel L2 scales (the pass's)."""
+def student_t_int8(rng: np.random.Generator, k: int, n: int, df: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) int8 weights from the same Student-t samples, per-output-channel L2 scales (the
+    pass's): full range [-127, 127], and 7-bit [-64, 64] (what O3 emits for pre-VNNI targets)."""
     w = rng.standard_t(df, (k, n)).astype(np.float32)
-    return quantize_weights(w, weight_scales(w, 1), 1)
+    full = quantize_weights(w, weight_scales(w, 1), 1)
+    narrow = quantize_weights(w, weight_scales(w, 1, qmax=NARROW_QMAX), 1, qmax=NARROW_QMAX)
+    return full, narrow
 
 
 def timing_weights(rng: np.random.Generator, k: int, n: int, outliers: float
@@ -260,36 +265,43 @@ def saturation_row(m: int, k: int, n: int, df: float, activations: str, seed: in
         a, zp = relu_activations(rng, m, k), 0
     else:
         a, zp = centred_activations(rng, m, k), 128
-    w = student_t_int8(rng, k, n, df)
+    w, w7 = student_t_int8(rng, k, n, df)
     w_small, w_out = split_weights(w)
     exact = IntMatMul(w, 0)(a, zp).astype(np.int64)
     dense = IntMatMul(w, 0, acc16=True)(a, zp)
     split = IntMatMul(w_small, 0, acc16=True)(a, zp)
     SparseInt8.from_dense(w_out, out_axis=1).add_matmul(split, a, zp)
     mlas = ort_pair_saturated(a, w, zp)
+    exact7 = IntMatMul(w7, 0)(a, zp).astype(np.int64)
+    dense7 = IntMatMul(w7, 0, acc16=True)(a, zp)
     norm = max(float(np.linalg.norm(exact.astype(np.float64))), 1.0)
 
-    def stats(acc: np.ndarray) -> dict:
-        diff = acc.astype(np.int64) - exact
+    norm7 = max(float(np.linalg.norm(exact7.astype(np.float64))), 1.0)
+
+    def stats(acc: np.ndarray, ref: np.ndarray = exact, scale: float = norm) -> dict:
+        diff = acc.astype(np.int64) - ref
         return {"differ": float(np.mean(diff != 0)),
-                "rel_l2": float(np.linalg.norm(diff.astype(np.float64)) / norm)}
+                "rel_l2": float(np.linalg.norm(diff.astype(np.float64)) / scale)}
     return {"M": m, "K": k, "N": n, "df": df, "activations": activations,
             "outlier_fraction": float(np.count_nonzero(w_out) / w_out.size),
-            "acc16": stats(dense), "split": stats(split), "ort_avx2": stats(mlas)}
+            "acc16": stats(dense), "split": stats(split), "ort_avx2": stats(mlas),
+            "acc16_7bit": stats(dense7, exact7, norm7),
+            "ort_avx2_7bit": stats(ort_pair_saturated(a, w7, zp), exact7, norm7)}
 
 
 SATURATION_HEADER = (
-    f"{'K':>5} {'t df':>4} {'activations':<13} {'outliers':>8} | {'outputs != exact':^30} | "
+    f"{'K':>5} {'t df':>4} {'activations':<14} {'outliers':>8} | {'outputs != exact':^52} | "
     f"{'accumulator rel L2':^30}\n"
-    f"{'':>5} {'':>4} {'':<13} {'>|64|':>8} | {'acc16':>9} {'split':>9} {'ORT avx2':>10} | "
-    f"{'acc16':>9} {'split':>9} {'ORT avx2':>10}")
+    f"{'':>5} {'':>4} {'':<14} {'>|64|':>8} | {'acc16':>9} {'split':>9} {'ORT avx2':>10} "
+    f"{'acc16 7b':>9} {'ORT 7b':>9} | {'acc16':>9} {'split':>9} {'ORT avx2':>10}")
 
 
 def format_saturation(row: dict) -> str:
     acts = "relu zp=0" if row["activations"] == "relu" else "centred zp=128"
-    return (f"{row['K']:5d} {row['df']:4g} {acts:<13} {row['outlier_fraction']:8.2%} | "
+    return (f"{row['K']:5d} {row['df']:4g} {acts:<14} {row['outlier_fraction']:8.2%} | "
             f"{row['acc16']['differ']:9.2%} {row['split']['differ']:9.2%} "
-            f"{row['ort_avx2']['differ']:10.2%} | {row['acc16']['rel_l2']:9.1e} "
+            f"{row['ort_avx2']['differ']:10.2%} {row['acc16_7bit']['differ']:9.2%} "
+            f"{row['ort_avx2_7bit']['differ']:9.2%} | {row['acc16']['rel_l2']:9.1e} "
             f"{row['split']['rel_l2']:9.1e} {row['ort_avx2']['rel_l2']:10.1e}")
 
 
@@ -329,8 +341,10 @@ def main() -> None:
     print("acc16 saturation, M=128 N=256, Student-t weights (per-channel L2 int8 scales):")
     print(SATURATION_HEADER)
     saturation = saturation_rows(args.quick)
-    print("(split = acc16 on W_small (|w|<=64) + exact sparse outliers; ORT avx2 = onnxruntime's "
-          "u8s8 kernel without VNNI: int16 pair sums saturate)")
+    print("(8-bit weights unless marked: split = acc16 on W_small (|w|<=64) + exact sparse "
+          "outliers; ORT avx2 = onnxruntime's u8s8 kernel without VNNI: int16 pair sums "
+          "saturate; 7b = the same weights quantized to [-64, 64], as O3 emits for pre-VNNI "
+          "targets: no pair sum can saturate, the running 16-bit sum of acc16 still can)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"timing": timing, "saturation": saturation,
