@@ -72,12 +72,15 @@ class CalibrationData:
 # where the data comes from
 # ---------------------------------------------------------------------------------------------
 def calibration_data(graph: Graph, given: Any = None, *, batch_size: int | None = None,
-                     samples: int = DEFAULT_SYNTHETIC_SAMPLES, seed: int = 0) -> CalibrationData:
-    """Resolve the `calibration` option (see the module docstring) into batches for `graph`."""
+                     samples: int = DEFAULT_SYNTHETIC_SAMPLES, seed: int = 0,
+                     shapes: Mapping[str, Sequence[int]] | None = None) -> CalibrationData:
+    """Resolve the `calibration` option (see the module docstring) into batches for `graph`;
+    `shapes` (the `--shape` option) pins the inputs of synthetic calibration."""
     if isinstance(given, CalibrationData):
         return given
     if given is None:
-        return default_calibration(graph, samples=samples, batch_size=batch_size, seed=seed)
+        return default_calibration(graph, samples=samples, batch_size=batch_size, seed=seed,
+                                   shapes=shapes)
     if isinstance(given, (str, os.PathLike)):
         return load_calibration(graph, given, batch_size=batch_size)
     if isinstance(given, Mapping):
@@ -138,9 +141,14 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
 
 
 def default_calibration(graph: Graph, *, samples: int = DEFAULT_SYNTHETIC_SAMPLES,
-                        batch_size: int | None = None, seed: int = 0) -> CalibrationData:
+                        batch_size: int | None = None, seed: int = 0,
+                        shapes: Mapping[str, Sequence[int]] | None = None) -> CalibrationData:
     """The model's example inputs when its metadata names a graphopt model family, else seeded
-    synthetic feeds. Both count as synthetic: nobody vouched that they look like real traffic."""
+    synthetic feeds (of the `shapes` given, else of the declared shapes with a symbolic batch
+    dim filled in). Both count as synthetic: nobody vouched that they look like real traffic.
+    Symbolic dims other than the batch cannot be guessed (an image size, a sequence length):
+    a UsageError asks for --shape or real data."""
+    pinned = {name: tuple(int(d) for d in shape) for name, shape in (shapes or {}).items()}
     fixed = _fixed_batch(graph)
     per_batch = fixed or batch_size or _auto_batch(graph, samples)
     count = max(1, -(-samples // per_batch))
@@ -149,15 +157,19 @@ def default_calibration(graph: Graph, *, samples: int = DEFAULT_SYNTHETIC_SAMPLE
         family, batches = example
         return CalibrationData(batches, "synthetic", count * per_batch,
                                f"example inputs of {family}")
-    batches = []
-    for i in range(count):
-        shapes = {}
-        for name in feed_names(graph):
-            value = graph.values[name]
-            if value.shape and fixed is None and not isinstance(value.shape[0], int):
-                shapes[name] = (per_batch,) + tuple(
-                    d if isinstance(d, int) and d >= 0 else 1 for d in value.shape[1:])
-        batches.append(synthetic_feeds(graph, shapes, seed=seed + i))
+    feed_shapes = dict(pinned)
+    for name in feed_names(graph):
+        shape = graph.values[name].shape
+        if name in pinned or not shape:
+            continue
+        unknown = [d for d in shape[1:] if not (isinstance(d, int) and d >= 0)]
+        if unknown:
+            raise UsageError(f"input {name!r} has symbolic dims {_describe(shape)} that synthetic "
+                             f"calibration cannot guess: give --shape {name}=D0,D1,... (option "
+                             "'shapes') or real calibration data (--calib)")
+        if fixed is None and not isinstance(shape[0], int):
+            feed_shapes[name] = (per_batch,) + tuple(shape[1:])
+    batches = [synthetic_feeds(graph, feed_shapes, seed=seed + i) for i in range(count)]
     return CalibrationData(batches, "synthetic", count * per_batch, "synthetic feeds")
 
 
@@ -174,7 +186,9 @@ def _example_batches(graph: Graph, count: int, batch: int, seed: int
         return None
     try:
         from graphopt import models
-        batches = [models.example_inputs(family, template, seed=seed + i, batch=batch)
+        from graphopt.onnx_io import input_signature
+        signature = input_signature(graph)      # the template holds no graph
+        batches = [models.example_inputs(family, signature, seed=seed + i, batch=batch)
                    for i in range(count)]
         return family, [_checked_feeds(graph, b, "example inputs") for b in batches]
     except Exception:  # a family whose inputs need more than metadata, or an optional extra

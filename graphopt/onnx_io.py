@@ -380,6 +380,22 @@ def to_model_without_large_constants(graph: Graph, max_bytes: int = 1 << 16
     return model, [name for name in swapped if name not in saved_inputs]
 
 
+def input_signature(graph: Graph) -> onnx.ModelProto:
+    """The model's metadata and opsets with a graph of only its fed inputs and its outputs (no
+    nodes, no weights): what a feed generator reads, cheap even for a 2 GB model."""
+    model = onnx.ModelProto()
+    if graph.model is not None and graph.model.template is not None:
+        model.CopyFrom(graph.model.template)
+    model.graph.Clear()
+    model.graph.name = graph.name
+    for name in graph.inputs:
+        if not graph.values[name].is_const:
+            model.graph.input.append(_value_info(graph.values[name]))
+    for name in graph.outputs:
+        model.graph.output.append(_value_info(graph.values[name]))
+    return model
+
+
 def _graph_proto(graph: Graph) -> onnx.GraphProto:
     gp = onnx.GraphProto()
     if graph.template is not None:

@@ -76,6 +76,9 @@ def convert_opset(graph: Graph, target: int) -> bool:
         return False
     if any(name not in upgraded.values or not upgraded.is_input(name) for name in weights):
         return False  # the converter renamed or rewired a weight: not worth the risk
+    # IR < 4 lists every initializer as a graph input too: keep the graph's own inputs
+    kept = set(graph.inputs) | set(weights)
+    upgraded.inputs = [name for name in upgraded.inputs if name in kept]
     for name in weights:
         source, target_value = graph.values[name], upgraded.values[name]
         upgraded.inputs.remove(name)

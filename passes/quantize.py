@@ -80,12 +80,14 @@ graphopt runtime executes the same file with the kernels the node metadata names
 5. The chosen plan is applied to the graph; every candidate's decision and the numbers behind it
    are op meta (`graphopt.quant`, `graphopt.reason`, `graphopt.sensitivity`).
 
-The default budget, 2e-2 relative L2 on the outputs, is where int8 costs nothing a task metric
-sees on the models graphopt was measured on (benchmarks/quantization_accuracy.py): a cosine of
-at least 1 - 2e-4 for embeddings (cos ~ 1 - e^2/2), and top-1 flips only where the two best
-logits are within ~2% of the logit vector's norm. It is tight enough that a layer whose int8
-error is an order of magnitude above the others' (a first conv on raw pixels, a final FC into a
-softmax) goes back to float.
+The default budget, 2e-2 relative L2 on the outputs of the evaluation batches, is where int8
+cost no task metric measured in benchmarks/quantization_accuracy.py anything that its sample
+size can show (digits-mlp accuracy and PP-OCR rec character accuracy unchanged, MiniLM sentence
+cosine >= 0.9996, DLRM click probability within 5.5e-3). It holds on the evaluation batches;
+other inputs land near it, not always under it (PP-OCR cls: 3.0e-2 on held-out lines), so
+calibrate on data like the traffic. It is tight enough that a layer whose int8 error is an order
+of magnitude above the others' (a first conv on raw pixels, a final FC into a softmax) goes back
+to float.
 """
 
 from __future__ import annotations
@@ -637,12 +639,17 @@ class Evaluator:
         self.batches = list(batches)
         self.reference = reference
         self.skeleton, self.swapped = to_model_without_large_constants(graph, max_bytes=4096)
+        self.input_names = set(graph.inputs)
         self.runs = 0
 
     def copy(self) -> Graph:
         from graphopt.onnx_io import load
 
         copy = load(self.skeleton)
+        # IR < 4 lists every initializer as a graph input too: keep the original's inputs (and
+        # the swapped weights, attached below)
+        copy.inputs = [name for name in copy.inputs
+                       if name in self.input_names or name in self.swapped]
         for name in self.swapped:
             source, target = self.graph.values[name], copy.values[name]
             copy.inputs.remove(name)
@@ -825,7 +832,8 @@ class Quantize(Pass):
         candidates = find_candidates(graph, min_bytes)
 
         data = calibration_data(graph, ctx.option("calibration"),
-                                batch_size=ctx.option("calibration_batch_size"))
+                                batch_size=ctx.option("calibration_batch_size"),
+                                shapes=ctx.option("shapes"))
         state.calibration = data.summary()
         state.input_shapes = {k: tuple(v.shape) for k, v in data.batches[0].items()}
         tensors = quantized_tensors(candidates)
@@ -873,6 +881,7 @@ class Quantize(Pass):
             "ops_int8": counts["ops_int8"], "ops_int8_7bit": counts["ops_int8_7bit"],
             "narrow_weights": narrow, "ops_fp16": counts["ops_fp16"],
             "ops_fp32": counts["ops_fp32"], "embeddings_int8": counts["embeddings_int8"],
+            "embeddings_fp32": counts["embeddings_fp32"],
             "evaluations": selection.evaluations, "eval_samples": _samples(data, eval_count),
             "method": method, "seconds": round(time.perf_counter() - start, 3),
         }

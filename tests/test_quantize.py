@@ -471,3 +471,41 @@ def test_bad_calibration_data_is_a_usage_error(float_model, bad, message):
         quantized(float_model, calibration=bad)
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+def test_ir3_light_model_keeps_its_inputs_at_o3():
+    """IR 3 lists initializers as inputs: the opset upgrade to 13 and the evaluation copies
+    must not turn constants that O2 made into graph inputs (a regression: O3 failed with
+    "missing input" on light_squeezenet and crashed on light_resnet50's shared biases)."""
+    import os
+    path = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light",
+                        "light_squeezenet.onnx")
+    model = onnx.load(path)
+    graph = graphopt.load(model)
+    inputs = list(graph.inputs)
+    report = optimize(graph, "O3", options={"machine": machine("avx2")})
+    assert report.quantization["ops_int8"] > 20
+    assert set(graph.inputs) <= set(inputs) and "data_0" in graph.inputs
+    out = graphopt.to_model(graph)
+    onnx.checker.check_model(out)
+    feeds = {"data_0": np.random.default_rng(3).random((1, 3, 224, 224), np.float32)}
+    expected = ort_run(model, feeds)[0]
+    assert rel_l2(ort_run(out, feeds)[0], expected) <= 3 * BUDGET
+
+
+def symbolic_image_model() -> onnx.ModelProto:
+    model = conv_net()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    return model
+
+
+def test_synthetic_calibration_needs_shapes_for_symbolic_dims():
+    graph = graphopt.load(symbolic_image_model())
+    with pytest.raises(UsageError, match="symbolic dims .* --shape x="):
+        optimize(graph, "O3", options={"machine": machine("avx2")})
+    graph = graphopt.load(symbolic_image_model())
+    report = optimize(graph, "O3", options={"machine": machine("avx2"),
+                                            "shapes": {"x": (2, 3, 16, 16)}})
+    assert report.quantization["ops_int8"] == 3
+    assert report.calibration["source"] == "synthetic"

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         check_output_path(args.report, inputs=(args.model, args.output), what="report")
     shapes = parse_shape_options(args.shape)
+    if shapes and args.level == "O3":
+        options["shapes"] = shapes      # synthetic calibration and op intensities use them
     graph = graphopt.load(args.model)
     if "calibration" in options:
         # Read and check the data now: a bad file fails before minutes of optimization.
