@@ -36,9 +36,9 @@ from graphopt.ir import Graph, Op
 from graphopt.machine import Machine, detect_machine, modeled_machine, roofline
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.qparams import NARROW_QMAX, QParams
-from graphopt.passes.quantize import (DEFAULT_ERROR_BUDGET, MAX_OUTLIER_FRACTION, META_INTENSITY,
-                                      META_KERNEL, META_OUTLIER_OF, META_QUANT, META_REASON,
-                                      VERIFY_SLACK, quantization_state)
+from graphopt.passes.quantize import (MAX_OUTLIER_FRACTION, META_INTENSITY, META_KERNEL,
+                                      META_OUTLIER_OF, META_QUANT, META_REASON, QuantizationPass,
+                                      quantization_state)
 
 ACC16 = "int8_acc16"
 ACC32 = "int8_acc32"
@@ -273,17 +273,12 @@ def int8_ops(graph: Graph) -> list[Op]:
             and op.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
 
 
-class KernelSelect(Pass):
+class KernelSelect(QuantizationPass):
     """Sets graphopt.kernel, graphopt.op_intensity and graphopt.reason on every int8 op
     (module docstring). Options (ctx): `machine` or `target`, `shapes`."""
 
-    name = "kernel_select"
-    recurse_subgraphs = False
     # acc16 changes the graphopt runtime's results where it saturates (bounded on calibration).
-    changes_numerics = True
-
-    def numeric_tolerance(self, ctx: PassContext) -> float | None:
-        return VERIFY_SLACK * float(ctx.option("quant_error_budget", DEFAULT_ERROR_BUDGET))
+    name = "kernel_select"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

@@ -36,9 +36,9 @@ from graphopt.passes.kernel_select import (ACC32, KERNEL_OPS, OUTLIER_THRESHOLD,
                                            choose_kernel, cost_context, format_intensity,
                                            int8_ops, int8_weight, outlier_ops,
                                            resolve_machine, split_weights)
-from graphopt.passes.quantize import (DEFAULT_ERROR_BUDGET, META_INTENSITY, META_KERNEL,
-                                      META_OUTLIER_OF, META_QUANT, META_REASON, VERIFY_SLACK,
-                                      detach_producer, quantization_state)
+from graphopt.passes.quantize import (META_INTENSITY, META_KERNEL, META_OUTLIER_OF, META_QUANT,
+                                      META_REASON, QuantizationPass, detach_producer,
+                                      quantization_state)
 
 T = onnx.TensorProto
 
@@ -51,18 +51,13 @@ def sparse_initializer(name: str, dense: np.ndarray) -> onnx.SparseTensorProto:
     return helper.make_sparse_tensor(values, indices, list(dense.shape))
 
 
-class OutlierSplit(Pass):
+class OutlierSplit(QuantizationPass):
     """Splits the weights of int8 ops with values beyond T into a dense small part and a sparse
     outlier op on targets without VNNI (module docstring). Options (ctx): `machine` or `target`, `shapes`."""
 
-    name = "outlier_split"
-    recurse_subgraphs = False
     # Exact in integer math; onnxruntime runs the two float convs + Add instead of one
     # QLinearConv, which can move a rounding step.
-    changes_numerics = True
-
-    def numeric_tolerance(self, ctx: PassContext) -> float | None:
-        return VERIFY_SLACK * float(ctx.option("quant_error_budget", DEFAULT_ERROR_BUDGET))
+    name = "outlier_split"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()

@@ -791,19 +791,26 @@ def select_lazily(candidates: Sequence[Candidate], error_of, budget: float, **kw
 # ---------------------------------------------------------------------------------------------
 # the pass
 # ---------------------------------------------------------------------------------------------
-class Quantize(Pass):
-    """Calibrate, measure per-op sensitivity and quantize to int8 within the error budget
-    (module docstring). Options (ctx): `calibration` (path, feeds, CalibrationData or None),
-    `calibration_method` ("l2", "minmax", "percentile", "kl"), `calibration_batch_size`,
-    `quant_error_budget` (relative L2, default 2e-2), `quant_sensitivity` ("auto", the
-    default: measured only when the all-int8 model misses the budget; "always"), `quant_embedding_min_bytes`."""
+class QuantizationPass(Pass):
+    """An O3 pass: it changes numerics within the error budget (numeric verification allows
+    VERIFY_SLACK budgets) and works on the main graph only."""
 
-    name = "quantize"
     recurse_subgraphs = False
     changes_numerics = True
 
     def numeric_tolerance(self, ctx: PassContext) -> float | None:
         return VERIFY_SLACK * float(ctx.option("quant_error_budget", DEFAULT_ERROR_BUDGET))
+
+
+class Quantize(QuantizationPass):
+    """Calibrate, measure per-op sensitivity and quantize to int8 within the error budget
+    (module docstring). Options (ctx): `calibration` (path, feeds, CalibrationData or None),
+    `calibration_method` ("l2", "minmax", "percentile", "kl"), `calibration_batch_size`,
+    `quant_error_budget` (relative L2, default 2e-2), `quant_sensitivity` ("auto", the
+    default: measured only when the all-int8 model misses the budget; "always"),
+    `quant_embedding_min_bytes`."""
+
+    name = "quantize"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
