@@ -287,7 +287,8 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
 
     Fast path: every intermediate of a block lies between the sum of its negative products and
     the sum of its positive ones (two or four float32 GEMMs of the operands' signed parts,
-    `_acc16_risky`); where that range fits int16 the exact GEMM is the answer. The other
+    `_acc16_risky`), and for 2-D operands (or one group) a finer one per 16-k sub-block
+    (`_refine_by_sub_blocks`); where they fit int16 the exact GEMM is the answer. The other
     (block, m, n) triples are emulated: per block, a loop over the block's k-pairs applies the
     saturating updates to all the risky outputs at once (a loop over K, never over outputs).
     2-D operands narrow it first: to the risky outputs themselves when they are scattered (a
@@ -298,6 +299,13 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
         raise ValueError("int_gemm_acc16 takes operands of at least 2 dims")
     if k_block % 2:
         raise ValueError("k_block must be even (products are summed in pairs)")
+    if (a.ndim > 2 or b.ndim > 2) and a.size == a.shape[-2] * a.shape[-1] \
+            and b.size == b.shape[-2] * b.shape[-1]:
+        # leading dims all 1 (one group): the 2-D path narrows to the risky outputs
+        shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+        flat = int_gemm_acc16(a.reshape(a.shape[-2:]), b.reshape(b.shape[-2:]),
+                              k_block=k_block, saturate_sum=saturate_sum)
+        return flat.reshape(shape)
     exact = int_gemm_exact(a, b)
     m, k = a.shape[-2:]
     n = b.shape[-1]
@@ -311,6 +319,10 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
     blocks = [(k0, min(k0 + k_block, a32.shape[-1])) for k0 in range(0, k, k_block)]
     risky = [_acc16_risky(a32[..., k0:k1], b32[..., k0:k1, :], a.ndim == b.ndim == 2)
              for k0, k1 in blocks]
+    if a.ndim == b.ndim == 2:
+        risky = [None if mask is None else
+                 _refine_by_sub_blocks(a32[:, k0:k1], b32[k0:k1], mask, saturate_sum)
+                 for (k0, k1), mask in zip(blocks, risky)]
     if not any(r is not None for r in risky):
         return exact
     result = exact.astype(np.int64)
@@ -358,6 +370,38 @@ def _acc16_risky(a_blk: np.ndarray, b_blk: np.ndarray, refine: bool) -> np.ndarr
     highest, lowest = _partial_sum_range(a_blk, b_blk)
     mask = (highest > INT16_MAX) | (lowest < INT16_MIN)
     return mask if mask.any() else None
+
+
+#: k per sub-block of the finer saturation test (even: pairs never straddle two sub-blocks).
+_SUB_BLOCK = 16
+
+
+def _refine_by_sub_blocks(a_blk: np.ndarray, b_blk: np.ndarray, mask: np.ndarray,
+                          saturate_sum: bool) -> np.ndarray | None:
+    """`mask` (M, N) narrowed by a finer bound: cut the block into sub-blocks of _SUB_BLOCK k;
+    a running sum inside sub-block s lies within (exact sum of sub-blocks before s) + [sum of
+    s's negative products, sum of its positive ones], and a pair sum within s's range alone.
+    Sums of random-signed products drift far less than their positive parts add up, so this
+    clears most outputs the whole-block range could not; the rest are emulated."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    a_sub = a_blk[rows].astype(np.float32)
+    b_sub = b_blk[:, cols].astype(np.float32)
+    pad = (-a_sub.shape[1]) % _SUB_BLOCK
+    if pad:
+        a_sub = np.pad(a_sub, ((0, 0), (0, pad)))
+        b_sub = np.pad(b_sub, ((0, pad), (0, 0)))
+    count = a_sub.shape[1] // _SUB_BLOCK
+    a_parts = a_sub.reshape(rows.size, count, _SUB_BLOCK).transpose(1, 0, 2)  # (S, M', sub)
+    b_parts = b_sub.reshape(count, _SUB_BLOCK, cols.size)                      # (S, sub, N')
+    highest, lowest = _partial_sum_range(a_parts, b_parts)                     # (S, M', N')
+    unsafe = ((highest > INT16_MAX) | (lowest < INT16_MIN)).any(axis=0)
+    if saturate_sum:
+        before = np.cumsum(highest + lowest, axis=0) - (highest + lowest)      # exact, exclusive
+        unsafe |= ((before + highest > INT16_MAX) | (before + lowest < INT16_MIN)).any(axis=0)
+    refined = np.zeros_like(mask)
+    refined[np.ix_(rows, cols)] = unsafe & mask[np.ix_(rows, cols)]
+    return refined if refined.any() else None
 
 
 def _partial_sum_range(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
