@@ -663,7 +663,7 @@ class Evaluator:
 
         copy = self.copy()
         apply_plan(copy, self.candidates, plan, self.qparams, self.weights)
-        session = Session(copy)
+        session = Session(copy, concat_views=False)   # plan faster; same results
         self.runs += 1
         return [[np.asarray(session.run(b)[n]) for n in copy.outputs] for b in self.batches]
 
