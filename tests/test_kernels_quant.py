@@ -18,8 +18,9 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from kernel_harness import one_node, run_kernel, run_ort
+from graphopt.runtime.kernels import gemm
 from graphopt.runtime.kernels.gemm import (
-    acc16_safe_columns, int_gemm_acc16, int_gemm_exact, matmul_exact_f32,
+    Acc16Weights, acc16_safe_columns, int_gemm_acc16, int_gemm_exact, matmul_exact_f32,
 )
 
 RNG_SEED = 7
@@ -140,6 +141,38 @@ def test_acc16_scattered_saturation_matches_reference(trial):
     exact = int_gemm_exact(a, b)
     saturated = got != exact
     assert saturated.any() and saturated.sum() <= 4
+
+
+def exact_plus_excess(weights: Acc16Weights, a, b, saturate_sum):
+    """The int8 steps' acc16: the exact product plus Acc16Weights' excess."""
+    got = np.stack([int_gemm_exact(a_g, b_g) for a_g, b_g in zip(a, b)])
+    for g, m, n, delta in weights.excess(a, saturate_sum):
+        got[g, m, n] += delta
+    return got
+
+
+@pytest.mark.parametrize("direct_scan", [0, None])
+@pytest.mark.parametrize("trial", range(16))
+def test_acc16_weights_excess_matches_reference(trial, direct_scan, monkeypatch):
+    """Exact product + excess == the acc16 model, for one group (range, sub-block filter,
+    direct scan and its many-candidate path) and for several groups; K odd, several blocks,
+    signed and unsigned activations, hot rows and columns that saturate."""
+    rng = np.random.default_rng(RNG_SEED + 200 + trial)
+    groups = 1 if trial % 4 else 3
+    m, n = int(rng.integers(1, 60)), int(rng.integers(1, 30))
+    k = int(rng.choice([1, 7, 24, 31, 58, 116, 300]))
+    a = rng.integers(0, 256, (groups, m, k)).astype(np.uint8) if trial % 2 \
+        else rng.integers(-128, 128, (groups, m, k)).astype(np.int8)
+    b = rng.integers(-int(rng.choice([20, 60, 128])), 128, (groups, k, n)).astype(np.int8)
+    b[..., : n // 3] = np.abs(b[..., : n // 3])            # same-signed columns saturate
+    a[:, : m // 4] = 127
+    if direct_scan is not None:     # every block through the sub-block filter
+        monkeypatch.setattr(gemm, "_DIRECT_SCAN", direct_scan)
+    weights = Acc16Weights(b)
+    for saturate_sum in (True, False):
+        expected = np.stack([acc16_reference(a_g, b_g, 256, saturate_sum)
+                             for a_g, b_g in zip(a, b)])
+        np.testing.assert_array_equal(exact_plus_excess(weights, a, b, saturate_sum), expected)
 
 
 def test_acc16_saturates_where_the_exact_result_does_not():

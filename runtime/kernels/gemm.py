@@ -234,7 +234,9 @@ def int_gemm_exact(a: np.ndarray, b: np.ndarray, *, a_absmax: int | None = None,
 # --------------------------------------------------------------------------------------------
 
 def _sat16(x: np.ndarray) -> np.ndarray:
-    return np.clip(x, INT16_MIN, INT16_MAX, out=x)
+    # two ufunc calls: np.clip's Python wrapper costs more than the work on small arrays
+    np.minimum(x, INT16_MAX, out=x)
+    return np.maximum(x, INT16_MIN, out=x)
 
 
 def acc16_bound(a: np.ndarray, b: np.ndarray, k_block: int = ACC16_K_BLOCK) -> np.ndarray:
@@ -417,6 +419,10 @@ def _partial_sum_range(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
             np.matmul(a_pos, b_neg) + np.matmul(a_neg, b_pos))
 
 
+#: Up to this many candidate outputs per block, Acc16Weights emulates them all without the
+#: finer sub-block test (the scan of a few hundred outputs costs less than the test).
+_DIRECT_SCAN = 512
+
 #: Outputs the per-output acc16 scan handles at once (its pair table is outputs x K-block/2).
 _SCAN_OUTPUTS = 1 << 14
 
@@ -458,3 +464,155 @@ def _acc16_scan(a_blk: np.ndarray, b_blk: np.ndarray, saturate_sum: bool
         if saturate_sum:
             _sat16(acc16)
     return acc16, exact
+
+
+class Acc16Weights:
+    """Constant weights b (G, K, N) of the acc16 model, laid out once, for `excess`: where and
+    by how much the model differs from the exact product of given activations.
+
+    The int8 steps compute the exact product anyway (the output channels the weights prove
+    safe need nothing else), so for the others they only need the model's excess over it at
+    the outputs that saturate: no second exact GEMM, no zero-point corrections (the model's
+    and the exact product's corrections are the same), no int64 temporaries. The filters are
+    `int_gemm_acc16`'s (a cheap L1 x max bound, the exact [negative, positive] range of the
+    block's partial sums, and for one group the finer per-16-k sub-block range), run on
+    weight-side operands prepared here in float32; the emulation is the same scan. A filter
+    only has to be conservative: outside the outputs it keeps, model and exact product agree.
+    """
+
+    def __init__(self, b: np.ndarray, k_block: int = ACC16_K_BLOCK) -> None:
+        b = np.asarray(b)
+        if b.ndim == 2:
+            b = b[None]
+        g, k, n = b.shape
+        if k_block % 2:
+            raise ValueError("k_block must be even (products are summed in pairs)")
+        self.shape = (g, k, n)
+        k_even = k + k % 2
+        self.b32 = np.zeros((g, k_even, n), np.int32)
+        self.b32[:, :k] = b
+        self.blocks = [(k0, min(k0 + k_block, k_even)) for k0 in range(0, k, k_block)]
+        bf = self.b32.astype(np.float32)
+        pos, neg = np.maximum(bf, 0), np.minimum(bf, 0)
+        absb = np.abs(bf)
+        self._pos_neg, self._neg_pos, self._col_max, self._col_l1, self._sub = [], [], [], [], []
+        for k0, k1 in self.blocks:
+            self._pos_neg.append(np.concatenate([pos[:, k0:k1], neg[:, k0:k1]], axis=-1))
+            self._neg_pos.append(np.concatenate([neg[:, k0:k1], pos[:, k0:k1]], axis=-1))
+            self._col_max.append(absb[:, k0:k1].max(axis=1)[:, None, :])     # (G, 1, N)
+            self._col_l1.append(absb[:, k0:k1].sum(axis=1)[:, None, :])
+            if g == 1:      # sub-block parts of the finer test: (S, SUB, 2N)
+                pad = (-(k1 - k0)) % _SUB_BLOCK
+                parts = np.pad(self._pos_neg[-1][0], ((0, pad), (0, 0)))
+                self._sub.append(parts.reshape(-1, _SUB_BLOCK, 2 * n))
+
+    def excess(self, a: np.ndarray, saturate_sum: bool = True
+               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """For 8-bit activations a (G, M, K) (or (M, K) for one group): the outputs where the
+        acc16 model of a @ b may differ from the exact product, as (group, row, column, model
+        - exact) index/int32 arrays, one tuple per K-block (indices unique within a tuple)."""
+        if a.ndim == 2:
+            a = a[None]
+        g, k, n = self.shape
+        signed = a.dtype.kind == "i"
+        af = a.astype(np.float32)
+        found = []
+        for blk, (k0, k1) in enumerate(self.blocks):
+            ab = af[..., k0:min(k1, k)]
+            highest, lowest = self._range(ab, blk, signed)
+            mask = highest > INT16_MAX
+            mask |= lowest < INT16_MIN
+            if not mask.any():
+                continue
+            if g == 1:
+                hit = self._one_group(ab[0], a[0], blk, mask[0], saturate_sum)
+            else:
+                hit = self._groups(a, blk, mask, saturate_sum)
+            if hit is not None:
+                found.append(hit)
+        return found
+
+    def _range(self, a_f: np.ndarray, blk: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(highest, lowest) partial sums of the block per output: the sums of its positive
+        and of its negative products, exact in float32 (one GEMM for unsigned activations)."""
+        kb, n = a_f.shape[-1], self.shape[2]
+        if not signed:
+            hl = np.matmul(a_f, self._pos_neg[blk][..., :kb, :])
+        else:
+            a_pos = np.maximum(a_f, 0)
+            hl = np.matmul(a_pos, self._pos_neg[blk][..., :kb, :])
+            hl += np.matmul(a_f - a_pos, self._neg_pos[blk][..., :kb, :])
+        return hl[..., :n], hl[..., n:]
+
+    def _one_group(self, ab, a, blk, mask, saturate_sum):
+        risky_m, risky_n = np.nonzero(mask)
+        if risky_m.size > _DIRECT_SCAN:
+            # many candidates: narrow them by the finer per-sub-block range first
+            rows = np.flatnonzero(mask.any(axis=1))
+            cols = np.flatnonzero(mask.any(axis=0))
+            sub = mask[np.ix_(rows, cols)]
+            sub &= self._sub_block_unsafe(ab[rows], blk, cols, saturate_sum)
+            if not sub.any():
+                return None
+            m_sub, n_sub = np.nonzero(sub)
+            risky_m, risky_n = rows[m_sub], cols[n_sub]
+        k0, k1 = self.blocks[blk]
+        a_rows = self._a32(a[risky_m], k0, k1)
+        b_cols = self.b32[0, k0:k1].T[risky_n]
+        delta = self._scan_outputs(a_rows, b_cols, saturate_sum)
+        return np.zeros_like(risky_m), risky_m, risky_n, delta
+
+    def _sub_block_unsafe(self, a_rows, blk, cols, saturate_sum):
+        """`_refine_by_sub_blocks`' test on prepared weight parts: (M', N') may saturate."""
+        parts = self._sub[blk]
+        count, n = parts.shape[0], self.shape[2]
+        n_sel = cols.size
+        hl = np.matmul(self._sub_parts(np.maximum(a_rows, 0), count),
+                       parts[..., np.concatenate([cols, cols + n])])     # (S, M', 2N')
+        if (a_rows < 0).any():
+            hl += np.matmul(self._sub_parts(np.minimum(a_rows, 0), count),
+                            parts[..., np.concatenate([cols + n, cols])])
+        unsafe = np.zeros((a_rows.shape[0], n_sel), bool)
+        before = np.zeros((a_rows.shape[0], n_sel), np.float32)
+        for s in range(count):
+            highest, lowest = hl[s, :, :n_sel], hl[s, :, n_sel:]
+            unsafe |= highest > INT16_MAX
+            unsafe |= lowest < INT16_MIN
+            if saturate_sum:
+                unsafe |= before + highest > INT16_MAX
+                unsafe |= before + lowest < INT16_MIN
+                before += highest
+                before += lowest
+        return unsafe
+
+    @staticmethod
+    def _sub_parts(a_rows: np.ndarray, count: int) -> np.ndarray:
+        """(M', K') -> (S, M', SUB): the rows cut into sub-blocks, zero-padded."""
+        out = np.zeros((count, a_rows.shape[0], _SUB_BLOCK), np.float32)
+        for s in range(count):
+            piece = a_rows[:, s * _SUB_BLOCK:(s + 1) * _SUB_BLOCK]
+            out[s, :, :piece.shape[1]] = piece
+        return out
+
+    def _groups(self, a, blk, mask, saturate_sum):
+        gi, mi, ni = np.nonzero(mask)
+        k0, k1 = self.blocks[blk]
+        a_rows = self._a32(a[gi, mi], k0, k1)
+        b_cols = self.b32[gi, k0:k1, ni]                                  # (P, KB)
+        return gi, mi, ni, self._scan_outputs(a_rows, b_cols, saturate_sum)
+
+    def _a32(self, a_rows: np.ndarray, k0: int, k1: int) -> np.ndarray:
+        """Rows of the activations over block [k0, k1) as int32, zero-padded to even length."""
+        out = np.zeros(a_rows.shape[:-1] + (k1 - k0,), np.int32)
+        part = a_rows[..., k0:k1]
+        out[..., :part.shape[-1]] = part
+        return out
+
+    @staticmethod
+    def _scan_outputs(a_rows: np.ndarray, b_cols: np.ndarray, saturate_sum: bool) -> np.ndarray:
+        deltas = []
+        for start in range(0, a_rows.shape[0], _SCAN_OUTPUTS):
+            acc16, exact = _acc16_scan_outputs(a_rows[start:start + _SCAN_OUTPUTS],
+                                               b_cols[start:start + _SCAN_OUTPUTS], saturate_sum)
+            deltas.append(acc16 - exact)
+        return np.concatenate(deltas) if deltas else np.zeros(0, np.int32)

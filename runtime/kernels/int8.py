@@ -28,7 +28,7 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.runtime.kernels.conv import ConvAttrs, ConvPlan, ConvWeights, conv, exact_matmul
 from graphopt.runtime.kernels.gemm import (
-    F32_EXACT, acc16_safe_columns, im2col, int_gemm_acc16, matmul_exact_f32, pad_spatial,
+    F32_EXACT, Acc16Weights, acc16_safe_columns, im2col, int_gemm_acc16, matmul_exact_f32, pad_spatial,
     to_int32,
 )
 
@@ -135,6 +135,8 @@ class _MatWeights:
     bound: int                  # max |raw - zp|
     #: acc16: output columns that may saturate, per activation dtype (computed on first use).
     unsafe: dict[np.dtype, np.ndarray] = field(default_factory=dict)
+    #: acc16: the model's weights (the unsafe columns), per activation dtype.
+    models: dict[np.dtype, Acc16Weights] = field(default_factory=dict)
 
     @classmethod
     def prepare(cls, b: np.ndarray, b_zp) -> _MatWeights:
@@ -152,6 +154,13 @@ class _MatWeights:
             safe = acc16_safe_columns(self.raw, raw_absmax(key))
             cols = self.unsafe[key] = np.flatnonzero(~safe)
         return cols
+
+    def acc16_model(self, a_dtype) -> Acc16Weights:
+        key = np.dtype(a_dtype)
+        model = self.models.get(key)
+        if model is None:
+            model = self.models[key] = Acc16Weights(self.raw[:, self.unsafe_columns(key)])
+        return model
 
 
 class IntMatMul:
@@ -175,10 +184,12 @@ class IntMatMul:
         if self.acc16:
             cols = prep.unsafe_columns(a.dtype)
             if cols.size:
-                k = a.shape[-1]
-                zb = prep.zp[cols] if prep.zp.ndim else prep.zp
-                part = acc16_corrected(a.reshape(-1, k), prep.raw[:, cols], za, zb)
-                acc.reshape(-1, acc.shape[-1])[:, cols] = part
+                # model - exact on the raw operands = model - exact after the zero-point
+                # corrections (they are the same on both sides)
+                flat = acc.reshape(-1, acc.shape[-1])
+                for _, rows, columns, delta in prep.acc16_model(a.dtype).excess(
+                        a.reshape(-1, a.shape[-1])):
+                    flat[rows, cols[columns]] += delta
         return acc
 
     def unsafe_columns(self, a_dtype) -> np.ndarray | None:
@@ -200,6 +211,10 @@ class _ConvWeights:
     bias: np.ndarray | None     # int64 (C_out,)
     groups: int
     unsafe: dict[np.dtype, np.ndarray] = field(default_factory=dict)
+    #: acc16 per input dtype: (the model's weights, the groups they cover, output channel of
+    #: each (group, column) of the model).
+    models: dict[np.dtype, tuple[Acc16Weights, np.ndarray, np.ndarray]] = \
+        field(default_factory=dict)
     _acc16_b: np.ndarray | None = None
 
     @classmethod
@@ -238,6 +253,25 @@ class _ConvWeights:
             safe = acc16_safe_columns(b.transpose(1, 0, 2).reshape(k, g * cog), raw_absmax(key))
             found = self.unsafe[key] = np.flatnonzero(~safe)
         return found
+
+    def acc16_model(self, x_dtype) -> tuple[Acc16Weights, np.ndarray, np.ndarray]:
+        """For a dense conv, the unsafe channels alone; for a grouped one, the whole groups
+        holding one (a channel the weights prove safe gives the exact result either way)."""
+        key = np.dtype(x_dtype)
+        model = self.models.get(key)
+        if model is None:
+            channels = self.unsafe_channels(key)
+            cog = self.raw.shape[0] // self.groups
+            if self.groups == 1:
+                gsel = np.zeros(1, np.int64)
+                b = self.acc16_b[:, :, channels]
+                out_channels = channels[None]
+            else:
+                gsel = np.unique(channels // cog)
+                b = self.acc16_b[gsel]
+                out_channels = gsel[:, None] * cog + np.arange(cog)
+            model = self.models[key] = (Acc16Weights(b), gsel, out_channels)
+        return model
 
 
 class IntConv:
@@ -297,25 +331,15 @@ class IntConv:
 
     def _acc16_channels(self, acc: np.ndarray, x: np.ndarray, za: np.ndarray,
                         prep: _ConvWeights, geom, channels: np.ndarray) -> None:
-        """Overwrite acc's `channels` with the acc16 model: raw 8-bit operands (padding holds
-        the zero point, as the quantized input would), K ordered (kernel offset, channel),
-        zero-point corrections in int32. Batched over the groups involved (for dense convs,
-        only the listed channels)."""
-        groups = prep.groups
+        """Add the acc16 model's excess over the exact product to acc's `channels`: raw 8-bit
+        operands (padding holds the zero point, as the quantized input would), K ordered
+        (kernel offset, channel); the zero-point corrections and the bias are the same on
+        both sides, so the exact accumulator plus the excess is the corrected model."""
+        model, gsel, out_channels = prep.acc16_model(x.dtype)
         c_out, cig = prep.raw.shape[:2]
-        cog = c_out // groups
         n = x.shape[0]
-        if groups == 1:
-            gsel = np.zeros(1, np.int64)
-            xs = np.asarray(x)
-            b = prep.acc16_b[:, :, channels]                      # (1, K, C')
-            out_channels = channels
-        else:
-            gsel = np.unique(channels // cog)
-            in_ch = (gsel[:, None] * cig + np.arange(cig)).reshape(-1)
-            xs = np.asarray(x)[:, in_ch]
-            b = prep.acc16_b[gsel]                                # (Gs, K, cog)
-            out_channels = (gsel[:, None] * cog + np.arange(cog)).reshape(-1)
+        xs = np.asarray(x) if prep.groups == 1 else \
+            np.asarray(x)[:, (gsel[:, None] * cig + np.arange(cig)).reshape(-1)]
         gs = len(gsel)
         xp = pad_spatial(xs, geom.begin, geom.end, int(za))
         cols = im2col(xp, geom.kernel, geom.strides, geom.dilations, geom.out_spatial, gs)
@@ -323,15 +347,10 @@ class IntConv:
         pixels = cols.shape[-1]
         a = cols.reshape(n, gs, cig, kk, pixels).transpose(0, 1, 4, 3, 2) \
             .reshape(n, gs, pixels, kk * cig)
-        if prep.zp.ndim:
-            zb = prep.zp[out_channels].reshape(gs, 1, -1)
-        else:
-            zb = prep.zp
-        part = acc16_corrected(a, b[None], za, zb)                 # (N, Gs, P, C'/Gs)
-        part = part.transpose(0, 1, 3, 2).reshape(n, len(out_channels), pixels)
-        if prep.bias is not None:
-            part += prep.bias[out_channels].astype(np.int32)[:, None]
-        acc.reshape(n, c_out, pixels)[:, out_channels] = part
+        acc3 = acc.reshape(n, c_out, pixels)
+        for image in range(n):
+            for group, rows, columns, delta in model.excess(a[image]):
+                acc3[image, out_channels[group, columns], rows] += delta
 
 
 # ---------------------------------------------------------------------------------------------
