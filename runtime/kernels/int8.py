@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -66,6 +67,18 @@ def shifted_bound(dtype, zp: np.ndarray) -> int:
     lo, hi = int_range(dtype)
     zmin, zmax = (int(zp.min()), int(zp.max())) if zp.size else (0, 0)
     return max(abs(hi - zmin), abs(lo - zmax), abs(hi - zmax), abs(lo - zmin))
+
+
+@lru_cache(maxsize=None)
+def _scalar_shifted_bound(dtype: np.dtype, zp: int) -> int:
+    return shifted_bound(dtype, np.asarray(zp))
+
+
+def _shifted_float(x: np.ndarray, zp: int) -> np.ndarray:
+    """x - zp as float32 in one pass (exact: 8/16-bit values)."""
+    if zp:
+        return np.subtract(x, np.float32(zp), dtype=np.float32)
+    return np.asarray(x, np.float32)
 
 
 def raw_absmax(dtype) -> int:
@@ -216,6 +229,7 @@ class _ConvWeights:
     models: dict[np.dtype, tuple[Acc16Weights, np.ndarray, np.ndarray]] = \
         field(default_factory=dict)
     _acc16_b: np.ndarray | None = None
+    bias_max: int = 0           # max |bias|
 
     @classmethod
     def prepare(cls, w: np.ndarray, w_zp, bias: np.ndarray | None, groups: int) -> _ConvWeights:
@@ -230,7 +244,8 @@ class _ConvWeights:
         if b64 is not None and b64.size and np.abs(b64).max() < F32_EXACT:
             biased = ConvWeights.prepare(wf, groups, bias=b64.astype(np.float32))
         bound = int(np.abs(wf).max()) if wf.size else 0
-        return cls(np.asarray(w), zp, plain, biased, bound, b64, groups)
+        bias_max = int(np.abs(b64).max()) if b64 is not None and b64.size else 0
+        return cls(np.asarray(w), zp, plain, biased, bound, b64, groups, bias_max=bias_max)
 
     @property
     def acc16_b(self) -> np.ndarray:
@@ -293,24 +308,28 @@ class IntConv:
     def geometry(self, x_shape, w_shape):
         return self.plan.geometry(tuple(x_shape), tuple(w_shape))
 
-    def __call__(self, x: np.ndarray, x_zp, w=None, w_zp=None, bias=None) -> np.ndarray:
-        """int32 accumulator (N, C_out, *out) of the convolution, bias included."""
+    def __call__(self, x: np.ndarray, x_zp, w=None, w_zp=None, bias=None, *,
+                 exact_float: bool = False) -> np.ndarray:
+        """int32 accumulator (N, C_out, *out) of the convolution, bias included.
+
+        exact_float: the caller takes a float32 array instead when it holds the accumulator
+        exactly (every value below 2**24, so it is float32(acc), which is what requantization
+        computes from the int32 anyway); saves the two conversion passes."""
         prep = self.prepared(w, w_zp, bias)
         za = scalar_zp(x_zp)
         if za.size > 1:
             raise GraphoptError("ConvInteger: x_zero_point must be a scalar")
         geom = self.geometry(x.shape, prep.raw.shape)
-        xf = np.asarray(x, np.float32)
-        if za:
-            xf = xf - np.float32(za)
-        bound = shifted_bound(x.dtype, za) * max(prep.bound, 1)
+        za_int = int(za)
+        xf = _shifted_float(x, za_int)
+        bound = _scalar_shifted_bound(np.dtype(x.dtype), za_int) * max(prep.bound, 1)
         k_total = prep.plain.mat.shape[2]
-        bias_max = int(np.abs(prep.bias).max()) if prep.bias is not None and prep.bias.size else 0
-        if prep.biased is not None and k_total * bound + bias_max <= F32_EXACT:
-            acc = conv(xf, prep.biased, geom, integer=True).astype(np.int32)
+        if prep.biased is not None and k_total * bound + prep.bias_max <= F32_EXACT:
+            acc = conv(xf, prep.biased, geom, integer=True)
         elif k_total * bound <= F32_EXACT:
-            acc = conv(xf, prep.plain, geom, integer=True).astype(np.int32)
+            acc = conv(xf, prep.plain, geom, integer=True)
             if prep.bias is not None:
+                acc = acc.astype(np.int32)
                 acc += prep.bias.astype(np.int32).reshape((-1,) + (1,) * (acc.ndim - 2))
         else:
             acc64 = conv(xf, prep.plain, geom, mm=exact_matmul(bound), out_dtype=np.float64,
@@ -321,7 +340,9 @@ class IntConv:
         if self.acc16:
             channels = prep.unsafe_channels(x.dtype)
             if channels.size:
-                self._acc16_channels(acc, x, za, prep, geom, channels)
+                acc = self._acc16_channels(acc, x, za, prep, geom)
+        if acc.dtype != np.int32 and not exact_float:
+            acc = acc.astype(np.int32)
         return acc
 
     def unsafe_channels(self, x_dtype) -> np.ndarray | None:
@@ -330,11 +351,13 @@ class IntConv:
         return None if self._prepared is None else self._prepared.unsafe_channels(x_dtype)
 
     def _acc16_channels(self, acc: np.ndarray, x: np.ndarray, za: np.ndarray,
-                        prep: _ConvWeights, geom, channels: np.ndarray) -> None:
+                        prep: _ConvWeights, geom) -> np.ndarray:
         """Add the acc16 model's excess over the exact product to acc's `channels`: raw 8-bit
         operands (padding holds the zero point, as the quantized input would), K ordered
         (kernel offset, channel); the zero-point corrections and the bias are the same on
-        both sides, so the exact accumulator plus the excess is the corrected model."""
+        both sides, so the exact accumulator plus the excess is the corrected model. Returns
+        the accumulator, as int32 once an excess is added (a float32 one is exact only for
+        the exact product)."""
         model, gsel, out_channels = prep.acc16_model(x.dtype)
         c_out, cig = prep.raw.shape[:2]
         n = x.shape[0]
@@ -347,10 +370,12 @@ class IntConv:
         pixels = cols.shape[-1]
         a = cols.reshape(n, gs, cig, kk, pixels).transpose(0, 1, 4, 3, 2) \
             .reshape(n, gs, pixels, kk * cig)
-        acc3 = acc.reshape(n, c_out, pixels)
         for image in range(n):
             for group, rows, columns, delta in model.excess(a[image]):
-                acc3[image, out_channels[group, columns], rows] += delta
+                if acc.dtype != np.int32:
+                    acc = acc.astype(np.int32)
+                acc.reshape(n, c_out, pixels)[image, out_channels[group, columns], rows] += delta
+        return acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +406,13 @@ class Requantizer:
         self.out_dtype = np.dtype(out_dtype)
 
     def __call__(self, acc: np.ndarray) -> np.ndarray:
-        y = np.multiply(acc, self.mult, dtype=np.float32)
+        """acc: int32, or a float32 array holding it exactly (IntConv's exact_float), which is
+        consumed (scaled in place)."""
+        if acc.dtype == np.float32 and acc.flags.writeable and acc.shape == np.broadcast_shapes(
+                acc.shape, self.mult.shape):
+            y = np.multiply(acc, self.mult, out=acc)
+        else:
+            y = np.multiply(acc, self.mult, dtype=np.float32)
         np.rint(y, out=y)
         if self.zp_array is not None:
             y += self.zp_array

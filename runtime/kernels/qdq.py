@@ -133,7 +133,10 @@ class QdqKernel:
         return (self._requantize(self._run(x_q)),)
 
     def _run_conv(self, x_q: np.ndarray) -> np.ndarray:
-        acc = self._conv(x_q, self.x_zp)
+        plain = self._outlier is None and self._outlier_core is None
+        acc = self._conv(x_q, self.x_zp, exact_float=plain)
+        if plain:
+            return acc
         if self._outlier is not None:
             geom = self._conv.geometry(x_q.shape, self._conv.prepared().raw.shape)
             self._outlier.add_conv(acc, x_q, self.x_zp, geom, self._groups)
