@@ -419,9 +419,9 @@ def _partial_sum_range(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
             np.matmul(a_pos, b_neg) + np.matmul(a_neg, b_pos))
 
 
-#: Up to this many candidate outputs per block, Acc16Weights emulates them all without the
-#: finer sub-block test (the scan of a few hundred outputs costs less than the test).
-_DIRECT_SCAN = 512
+#: Up to this many products (candidate outputs x block length), Acc16Weights emulates every
+#: candidate without the finer sub-block test (a scan that small costs less than the test).
+_DIRECT_SCAN = 1 << 15
 
 #: Outputs the per-output acc16 scan handles at once (its pair table is outputs x K-block/2).
 _SCAN_OUTPUTS = 1 << 14
@@ -433,14 +433,15 @@ def _acc16_scan_outputs(a_rows: np.ndarray, b_cols: np.ndarray, saturate_sum: bo
     output's activation row, b_cols (P, KB) its weight column (KB even). The pair sums come
     out of one vectorized product; only the saturating running sum loops, over the pairs."""
     products = a_rows * b_cols
-    pairs = products[:, 0::2] + products[:, 1::2]
-    exact = pairs.sum(axis=1, dtype=np.int64).astype(np.int32)
+    # pair-major (KB/2, P): the scan below walks pairs, each step over contiguous memory
+    pairs = np.ascontiguousarray((products[:, 0::2] + products[:, 1::2]).T)
+    exact = pairs.sum(axis=0, dtype=np.int64).astype(np.int32)
     _sat16(pairs)
     if not saturate_sum:
-        return pairs.sum(axis=1, dtype=np.int64).astype(np.int32), exact
-    acc16 = np.zeros(pairs.shape[0], np.int32)
-    for column in pairs.T:
-        acc16 += column
+        return pairs.sum(axis=0, dtype=np.int64).astype(np.int32), exact
+    acc16 = np.zeros(pairs.shape[1], np.int32)
+    for row in pairs:
+        acc16 += row
         _sat16(acc16)
     return acc16, exact
 
@@ -474,10 +475,15 @@ class Acc16Weights:
     safe need nothing else), so for the others they only need the model's excess over it at
     the outputs that saturate: no second exact GEMM, no zero-point corrections (the model's
     and the exact product's corrections are the same), no int64 temporaries. The filters are
-    `int_gemm_acc16`'s (a cheap L1 x max bound, the exact [negative, positive] range of the
-    block's partial sums, and for one group the finer per-16-k sub-block range), run on
-    weight-side operands prepared here in float32; the emulation is the same scan. A filter
-    only has to be conservative: outside the outputs it keeps, model and exact product agree.
+    `int_gemm_acc16`'s (the exact [negative, positive] range of the block's partial sums, and
+    for one group with many candidates the finer per-16-k sub-block range), run on weight-side
+    operands prepared here in float32; the candidates left are emulated by the same scan. A
+    filter only has to be conservative: outside the outputs it keeps, model and exact product
+    agree, so the result does not depend on how fine it is.
+
+    Layout: each block's weights as [positive part | -negative part] (K, 2N), so one GEMM of
+    unsigned activations gives (highest, -lowest) side by side and one comparison against
+    [32767 | 32768] flags both ends of int16.
     """
 
     def __init__(self, b: np.ndarray, k_block: int = ACC16_K_BLOCK) -> None:
@@ -489,22 +495,23 @@ class Acc16Weights:
             raise ValueError("k_block must be even (products are summed in pairs)")
         self.shape = (g, k, n)
         k_even = k + k % 2
-        self.b32 = np.zeros((g, k_even, n), np.int32)
-        self.b32[:, :k] = b
+        b32 = np.zeros((g, k_even, n), np.int32)
+        b32[:, :k] = b
+        self._b_cols = np.ascontiguousarray(b32.transpose(0, 2, 1))      # (G, N, K): gathers
         self.blocks = [(k0, min(k0 + k_block, k_even)) for k0 in range(0, k, k_block)]
-        bf = self.b32.astype(np.float32)
+        bf = b32.astype(np.float32)
         pos, neg = np.maximum(bf, 0), np.minimum(bf, 0)
-        absb = np.abs(bf)
-        self._pos_neg, self._neg_pos, self._col_max, self._col_l1, self._sub = [], [], [], [], []
+        self._limits = np.concatenate([np.full(n, INT16_MAX, np.float32),
+                                       np.full(n, -INT16_MIN, np.float32)])
+        self._pos_nneg, self._neg_npos, self._sub = [], [], []
         for k0, k1 in self.blocks:
-            self._pos_neg.append(np.concatenate([pos[:, k0:k1], neg[:, k0:k1]], axis=-1))
-            self._neg_pos.append(np.concatenate([neg[:, k0:k1], pos[:, k0:k1]], axis=-1))
-            self._col_max.append(absb[:, k0:k1].max(axis=1)[:, None, :])     # (G, 1, N)
-            self._col_l1.append(absb[:, k0:k1].sum(axis=1)[:, None, :])
-            if g == 1:      # sub-block parts of the finer test: (S, SUB, 2N)
+            self._pos_nneg.append(np.concatenate([pos[:, k0:k1], -neg[:, k0:k1]], axis=-1))
+            self._neg_npos.append(np.concatenate([neg[:, k0:k1], -pos[:, k0:k1]], axis=-1))
+            if g == 1:      # sub-block parts of the finer test: (S, SUB, 2N) of each layout
                 pad = (-(k1 - k0)) % _SUB_BLOCK
-                parts = np.pad(self._pos_neg[-1][0], ((0, pad), (0, 0)))
-                self._sub.append(parts.reshape(-1, _SUB_BLOCK, 2 * n))
+                self._sub.append(tuple(
+                    np.pad(parts[-1][0], ((0, pad), (0, 0))).reshape(-1, _SUB_BLOCK, 2 * n)
+                    for parts in (self._pos_nneg, self._neg_npos)))
 
     def excess(self, a: np.ndarray, saturate_sum: bool = True
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -514,76 +521,86 @@ class Acc16Weights:
         if a.ndim == 2:
             a = a[None]
         g, k, n = self.shape
+        m = a.shape[-2]
         signed = a.dtype.kind == "i"
         af = a.astype(np.float32)
         found = []
         for blk, (k0, k1) in enumerate(self.blocks):
             ab = af[..., k0:min(k1, k)]
-            highest, lowest = self._range(ab, blk, signed)
-            mask = highest > INT16_MAX
-            mask |= lowest < INT16_MIN
-            if not mask.any():
+            hot = self._range(ab, self._pos_nneg[blk], self._neg_npos[blk], signed) \
+                > self._limits
+            flat = np.flatnonzero(hot[..., :n] | hot[..., n:])
+            if not flat.size:
                 continue
-            if g == 1:
-                hit = self._one_group(ab[0], a[0], blk, mask[0], saturate_sum)
-            else:
-                hit = self._groups(a, blk, mask, saturate_sum)
-            if hit is not None:
-                found.append(hit)
+            group, rest = np.divmod(flat, m * n)
+            rows, cols = np.divmod(rest, n)
+            if g == 1 and flat.size * (k1 - k0) > _DIRECT_SCAN:
+                rows, cols = self._sub_block_filter(ab[0], blk, rows, cols, saturate_sum)
+                if not rows.size:
+                    continue
+                group = np.zeros_like(rows)
+            a_rows = self._a32(a[group, rows], k0, k1)
+            b_cols = self._b_cols[group, cols, k0:k1]
+            found.append((group, rows, cols, self._scan_outputs(a_rows, b_cols, saturate_sum)))
         return found
 
-    def _range(self, a_f: np.ndarray, blk: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(highest, lowest) partial sums of the block per output: the sums of its positive
-        and of its negative products, exact in float32 (one GEMM for unsigned activations)."""
-        kb, n = a_f.shape[-1], self.shape[2]
+    @staticmethod
+    def _range(a_f: np.ndarray, pos_nneg: np.ndarray, neg_npos: np.ndarray, signed: bool
+               ) -> np.ndarray:
+        """(highest | -lowest) partial sums per output: the sum of the positive products and
+        minus the sum of the negative ones, exact in float32 (one GEMM for unsigned a)."""
+        kb = a_f.shape[-1]
         if not signed:
-            hl = np.matmul(a_f, self._pos_neg[blk][..., :kb, :])
-        else:
-            a_pos = np.maximum(a_f, 0)
-            hl = np.matmul(a_pos, self._pos_neg[blk][..., :kb, :])
-            hl += np.matmul(a_f - a_pos, self._neg_pos[blk][..., :kb, :])
-        return hl[..., :n], hl[..., n:]
+            return np.matmul(a_f, pos_nneg[..., :kb, :])
+        a_pos = np.maximum(a_f, 0)
+        hl = np.matmul(a_pos, pos_nneg[..., :kb, :])
+        hl += np.matmul(a_f - a_pos, neg_npos[..., :kb, :])
+        return hl
 
-    def _one_group(self, ab, a, blk, mask, saturate_sum):
-        risky_m, risky_n = np.nonzero(mask)
-        if risky_m.size > _DIRECT_SCAN:
-            # many candidates: narrow them by the finer per-sub-block range first
-            rows = np.flatnonzero(mask.any(axis=1))
-            cols = np.flatnonzero(mask.any(axis=0))
-            sub = mask[np.ix_(rows, cols)]
-            sub &= self._sub_block_unsafe(ab[rows], blk, cols, saturate_sum)
-            if not sub.any():
-                return None
-            m_sub, n_sub = np.nonzero(sub)
-            risky_m, risky_n = rows[m_sub], cols[n_sub]
-        k0, k1 = self.blocks[blk]
-        a_rows = self._a32(a[risky_m], k0, k1)
-        b_cols = self.b32[0, k0:k1].T[risky_n]
-        delta = self._scan_outputs(a_rows, b_cols, saturate_sum)
-        return np.zeros_like(risky_m), risky_m, risky_n, delta
-
-    def _sub_block_unsafe(self, a_rows, blk, cols, saturate_sum):
-        """`_refine_by_sub_blocks`' test on prepared weight parts: (M', N') may saturate."""
-        parts = self._sub[blk]
-        count, n = parts.shape[0], self.shape[2]
-        n_sel = cols.size
-        hl = np.matmul(self._sub_parts(np.maximum(a_rows, 0), count),
-                       parts[..., np.concatenate([cols, cols + n])])     # (S, M', 2N')
+    def _sub_block_filter(self, ab, blk, rows, cols, saturate_sum):
+        """`_refine_by_sub_blocks`' test on the candidates (rows[i], cols[i]): cut the block
+        into sub-blocks of _SUB_BLOCK k; a running sum inside sub-block s lies within (exact sum
+        of the sub-blocks before s) + [s's lowest, s's highest], a pair sum within s's range.
+        The sub-block ranges come from GEMMs over the candidates' rows x columns, then only
+        the candidates' entries are tested. Returns the candidates that may saturate."""
+        m, n = ab.shape[0], self.shape[2]
+        row_sel = np.flatnonzero(np.bincount(rows, minlength=m))
+        col_sel = np.flatnonzero(np.bincount(cols, minlength=n))
+        row_at = np.zeros(m, np.intp)
+        row_at[row_sel] = np.arange(row_sel.size)
+        col_at = np.zeros(n, np.intp)
+        col_at[col_sel] = np.arange(col_sel.size)
+        a_rows = ab[row_sel]
+        pos_nneg, neg_npos = self._sub[blk]
+        both = np.concatenate([col_sel, col_sel + n])
+        count = pos_nneg.shape[0]
+        hl = np.matmul(self._sub_parts(np.maximum(a_rows, 0), count), pos_nneg[..., both])
         if (a_rows < 0).any():
-            hl += np.matmul(self._sub_parts(np.minimum(a_rows, 0), count),
-                            parts[..., np.concatenate([cols + n, cols])])
-        unsafe = np.zeros((a_rows.shape[0], n_sel), bool)
-        before = np.zeros((a_rows.shape[0], n_sel), np.float32)
-        for s in range(count):
-            highest, lowest = hl[s, :, :n_sel], hl[s, :, n_sel:]
-            unsafe |= highest > INT16_MAX
-            unsafe |= lowest < INT16_MIN
-            if saturate_sum:
-                unsafe |= before + highest > INT16_MAX
-                unsafe |= before + lowest < INT16_MIN
-                before += highest
-                before += lowest
-        return unsafe
+            hl += np.matmul(self._sub_parts(np.minimum(a_rows, 0), count), neg_npos[..., both])
+        width = col_sel.size
+        at = row_at[rows] * (2 * width) + col_at[cols]        # each candidate in (M', 2N')
+        hl = hl.reshape(count, -1)
+        highest = np.take(hl, at, axis=1)                     # (S, P)
+        neg_lowest = np.take(hl, at + width, axis=1)
+        if saturate_sum:
+            # pair and running sums end within highest + max(before, 0) and
+            # lowest + min(before, 0), `before` the exact sum of the sub-blocks before s
+            before = np.zeros_like(highest)
+            for s in range(1, count):
+                before[s] = before[s - 1]
+                before[s] += highest[s - 1]
+                before[s] -= neg_lowest[s - 1]
+            up = np.maximum(before, 0)
+            up += highest
+            unsafe = up > INT16_MAX
+            np.minimum(before, 0, out=before)
+            np.subtract(neg_lowest, before, out=before)
+            unsafe |= before > -INT16_MIN
+        else:
+            unsafe = highest > INT16_MAX
+            unsafe |= neg_lowest > -INT16_MIN
+        keep = np.flatnonzero(unsafe.any(axis=0))
+        return rows[keep], cols[keep]
 
     @staticmethod
     def _sub_parts(a_rows: np.ndarray, count: int) -> np.ndarray:
@@ -594,14 +611,8 @@ class Acc16Weights:
             out[s, :, :piece.shape[1]] = piece
         return out
 
-    def _groups(self, a, blk, mask, saturate_sum):
-        gi, mi, ni = np.nonzero(mask)
-        k0, k1 = self.blocks[blk]
-        a_rows = self._a32(a[gi, mi], k0, k1)
-        b_cols = self.b32[gi, k0:k1, ni]                                  # (P, KB)
-        return gi, mi, ni, self._scan_outputs(a_rows, b_cols, saturate_sum)
-
-    def _a32(self, a_rows: np.ndarray, k0: int, k1: int) -> np.ndarray:
+    @staticmethod
+    def _a32(a_rows: np.ndarray, k0: int, k1: int) -> np.ndarray:
         """Rows of the activations over block [k0, k1) as int32, zero-padded to even length."""
         out = np.zeros(a_rows.shape[:-1] + (k1 - k0,), np.int32)
         part = a_rows[..., k0:k1]
