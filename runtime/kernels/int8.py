@@ -408,8 +408,7 @@ class Requantizer:
     def __call__(self, acc: np.ndarray) -> np.ndarray:
         """acc: int32, or a float32 array holding it exactly (IntConv's exact_float), which is
         consumed (scaled in place)."""
-        if acc.dtype == np.float32 and acc.flags.writeable and acc.shape == np.broadcast_shapes(
-                acc.shape, self.mult.shape):
+        if acc.dtype == np.float32 and acc.ndim >= self.mult.ndim:
             y = np.multiply(acc, self.mult, out=acc)
         else:
             y = np.multiply(acc, self.mult, dtype=np.float32)
@@ -418,8 +417,10 @@ class Requantizer:
             y += self.zp_array
             np.clip(y, self.lo, self.hi, out=y)
             return y.astype(self.out_dtype)
-        zp = self.zp or 0
-        np.clip(y, self.lo - zp, self.hi - zp, out=y)
         out = np.empty(y.shape, self.out_dtype)
+        zp = self.zp or 0
+        if not zp:      # saturate and cast in one pass
+            return np.clip(y, self.lo, self.hi, out=out, casting="unsafe")
+        np.clip(y, self.lo - zp, self.hi - zp, out=y)
         np.add(y, np.float32(zp), out=out, casting="unsafe")
         return out

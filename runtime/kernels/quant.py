@@ -46,10 +46,10 @@ def quantize(x: np.ndarray, scale, zero_point, out_dtype: np.dtype) -> np.ndarra
     compute = np.float64 if x.dtype == np.float64 else np.float32
     q = np.divide(np.asarray(x, compute), np.asarray(scale, compute))
     np.rint(q, out=q)
-    if zero_point is not None:
+    if zero_point is not None and np.any(zero_point):
         q += np.asarray(zero_point, compute)
-    np.clip(q, lo, hi, out=q)
-    return q.astype(out_dtype)
+    # saturate and cast in one pass
+    return np.clip(q, lo, hi, out=np.empty(q.shape, out_dtype), casting="unsafe")
 
 
 @kernel("QuantizeLinear", since=10)
@@ -81,12 +81,15 @@ def _dequantize_linear(node: KernelNode):
         out_dtype = np.asarray(scale).dtype
         compute = np.float64 if out_dtype == np.float64 else np.float32
         s = _param_shape(scale, x.shape, axis, block_size).astype(compute, copy=False)
-        y = np.asarray(x, dtype=compute)
-        if zero_point is not None:
-            zp = _param_shape(zero_point, x.shape, axis, block_size)
-            if np.any(zp):
-                y = y - zp.astype(compute)
-        y = y * s
+        zp = None if zero_point is None else _param_shape(zero_point, x.shape, axis, block_size)
+        if zp is not None and np.any(zp):
+            y = np.subtract(x, zp.astype(compute), dtype=compute)   # exact: integers
+        else:
+            y = np.array(x, dtype=compute)
+        if y.shape == np.broadcast_shapes(y.shape, s.shape):
+            np.multiply(y, s, out=y)
+        else:
+            y = y * s
         return (y.astype(out_dtype, copy=False),)
     return run
 
