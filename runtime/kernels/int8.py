@@ -356,8 +356,8 @@ class IntConv:
         operands (padding holds the zero point, as the quantized input would), K ordered
         (kernel offset, channel); the zero-point corrections and the bias are the same on
         both sides, so the exact accumulator plus the excess is the corrected model. Returns
-        the accumulator, as int32 once an excess is added (a float32 one is exact only for
-        the exact product)."""
+        the accumulator: a float32 one stays float32 while every sum is below 2**24 (exact), else
+        it turns int32."""
         model, gsel, out_channels = prep.acc16_model(x.dtype)
         c_out, cig = prep.raw.shape[:2]
         n = x.shape[0]
@@ -372,9 +372,15 @@ class IntConv:
             .reshape(n, gs, pixels, kk * cig)
         for image in range(n):
             for group, rows, columns, delta in model.excess(a[image]):
+                at = (image, out_channels[group, columns], rows)
                 if acc.dtype != np.int32:
+                    # a float32 accumulator takes the sums as long as they stay exact in it
+                    sums = acc.reshape(n, c_out, pixels)[at].astype(np.float64) + delta
+                    if not sums.size or np.abs(sums).max() < F32_EXACT:
+                        acc.reshape(n, c_out, pixels)[at] = sums
+                        continue
                     acc = acc.astype(np.int32)
-                acc.reshape(n, c_out, pixels)[image, out_channels[group, columns], rows] += delta
+                acc.reshape(n, c_out, pixels)[at] += delta
         return acc
 
 
