@@ -539,8 +539,12 @@ class Acc16Weights:
                 if not rows.size:
                     continue
                 group = np.zeros_like(rows)
-            a_rows = self._a32(a[group, rows], k0, k1)
-            b_cols = self._b_cols[group, cols, k0:k1]
+            if g == 1:      # plain row gathers (two index arrays take numpy's slow path)
+                a_rows = self._a32(a[0].take(rows, axis=0), k0, k1)
+                b_cols = self._b_cols[0, :, k0:k1].take(cols, axis=0)
+            else:
+                a_rows = self._a32(a[group, rows], k0, k1)
+                b_cols = self._b_cols[group, cols, k0:k1]
             found.append((group, rows, cols, self._scan_outputs(a_rows, b_cols, saturate_sum)))
         return found
 
