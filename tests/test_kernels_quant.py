@@ -458,3 +458,36 @@ def test_conv_integer_acc16_meta():
     np.testing.assert_array_equal(got[0].reshape(6, 25), want.T.astype(np.int32))
     exact = _conv_ref(x, w, 3, 0, [1, 1, 1, 1], [1, 1], 1)
     assert not np.array_equal(got, exact)                            # full-range operands saturate
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_int_conv_acc16_float_accumulator(groups):
+    """IntConv's acc16 (exact product + the model's excess), grouped or not, returned as int32
+    or as the float32 accumulator the int8 steps requantize: both equal the full model."""
+    from graphopt.runtime.kernels.conv import ConvAttrs
+    from graphopt.runtime.kernels.int8 import IntConv
+    rng = np.random.default_rng(RNG_SEED + groups)
+    cig, cog = 20, 4
+    x, w = u8(rng, 2, groups * cig, 4, 4), i8(rng, groups * cog, cig, 3, 3)
+    bias = rng.integers(-1000, 1000, groups * cog).astype(np.int32)
+    attrs = ConvAttrs.from_op({"pads": [1, 1, 1, 1], "group": groups}.get)
+    core = IntConv(attrs, w, None, bias, acc16=True)
+    as_int = core(x, np.uint8(5))
+    as_float = core(x, np.uint8(5), exact_float=True)
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=5)
+    want = np.empty((2, groups * cog, 16), np.int64)
+    for image in range(2):
+        for g in range(groups):
+            cols = sliding_window_view(xp[image, g * cig:(g + 1) * cig], (3, 3), axis=(1, 2))
+            a = cols.transpose(1, 2, 3, 4, 0).reshape(16, 9 * cig)
+            b = w[g * cog:(g + 1) * cog].astype(np.int64).transpose(2, 3, 1, 0) \
+                .reshape(9 * cig, cog)
+            raw = int_gemm_acc16(a.astype(np.uint8), b.astype(np.int8)).astype(np.int64)
+            want[image, g * cog:(g + 1) * cog] = (raw - 5 * b.sum(axis=0)).T \
+                + bias[g * cog:(g + 1) * cog, None]
+    assert as_int.dtype == np.int32
+    np.testing.assert_array_equal(as_int.reshape(want.shape), want)
+    np.testing.assert_array_equal(as_float.reshape(want.shape), want)
+    assert not np.array_equal(as_int.reshape(want.shape),
+                              _conv_ref(x, w, 5, 0, [1, 1, 1, 1], [1, 1], groups)
+                              .reshape(want.shape) + bias[:, None])

@@ -13,7 +13,9 @@ sum by K * max|a| * max|b|, so splitting K into chunks of at most 2**24 // (max|
 makes each chunk's GEMM exact; the chunks are then summed in float64 (exact to 2**53).
 
 `int_gemm_acc16` models the 16-bit accumulation of FBGEMM-style int8 kernels (vpmaddubsw +
-vpaddsw) exactly, saturation included; see its docstring for the model.
+vpaddsw) exactly, saturation included; see its docstring for the model. `Acc16Weights` is the
+same model for constant weights as the int8 steps use it: the weight-side operands of its
+saturation filters laid out once, and only the model's excess over the exact product.
 """
 
 from __future__ import annotations

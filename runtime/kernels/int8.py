@@ -13,7 +13,10 @@ ConvInteger / QLinearConv (quant.py), and the QDQ groups the session runs as one
   kernels do. Output channels whose weights provably cannot saturate for any activation of the
   input's type (gemm.acc16_safe_columns: max|a| * sum_k |w| <= 32767 in every K-block) are
   exactly the 32-bit result, so they take the fast exact path; only the other channels run the
-  model (for convs, the K order is FBGEMM's NHWC im2col: kernel offset, then channel).
+  model (for convs, the K order is FBGEMM's NHWC im2col: kernel offset, then channel). With
+  constant weights, the model is the exact product plus its excess where it saturates
+  (gemm.Acc16Weights: the zero-point corrections are the same on both sides, so they cancel);
+  without, gemm.int_gemm_acc16 runs it in full (`acc16_corrected`).
 - `Requantizer`: onnxruntime's requantization (float32(acc) * float32 multiplier, round half to
   even, + zero point, saturate), with the clamp narrowed by a fused Relu/Clip.
 """
@@ -29,8 +32,8 @@ import numpy as np
 from graphopt.errors import GraphoptError
 from graphopt.runtime.kernels.conv import ConvAttrs, ConvPlan, ConvWeights, conv, exact_matmul
 from graphopt.runtime.kernels.gemm import (
-    F32_EXACT, Acc16Weights, acc16_safe_columns, im2col, int_gemm_acc16, matmul_exact_f32, pad_spatial,
-    to_int32,
+    F32_EXACT, Acc16Weights, acc16_safe_columns, im2col, int_gemm_acc16, matmul_exact_f32,
+    pad_spatial, to_int32,
 )
 
 _INT_RANGES = {
