@@ -627,21 +627,37 @@ class Acc16Weights:
 
     @staticmethod
     def _scan_outputs(a_rows: np.ndarray, b_cols: np.ndarray, saturate_sum: bool) -> np.ndarray:
-        """model - exact of one K-block for P outputs (a_rows, b_cols: (P, KB), KB even).
-
-        The saturating running sum acc = sat16(acc + pair) is a composition of the maps
-        s -> clamp(s + c, lo, hi), and composing two such maps gives another:
-            clamp(clamp(s + c1, lo1, hi1) + c2, lo2, hi2)
-              = clamp(s + c1 + c2, clamp(lo1 + c2, lo2, hi2), clamp(hi1 + c2, lo2, hi2)),
-        so the pairs are folded pairwise, log2(KB/2) vectorized steps instead of a loop over
-        KB/2 (exact integer arithmetic: the same result as `_acc16_scan_outputs`' loop)."""
+        """model - exact of one K-block for P outputs (a_rows, b_cols: (P, KB), KB even): the
+        same result as `_acc16_scan_outputs`, without its loop over the pairs."""
         products = a_rows * b_cols
         pairs = products[:, 0::2] + products[:, 1::2]
+        if saturate_sum:
+            # outputs whose pair sums and running sums all fit int16 never saturate (model ==
+            # exact): only the others are folded
+            prefix = np.cumsum(pairs, axis=1, dtype=np.int32)   # |sum| <= 128 * 65280
+            stays = (prefix.max(axis=1) <= INT16_MAX) & (prefix.min(axis=1) >= INT16_MIN) \
+                & (pairs.max(axis=1) <= INT16_MAX) & (pairs.min(axis=1) >= INT16_MIN)
+            delta = np.zeros(pairs.shape[0], np.int32)
+            leaves = np.flatnonzero(~stays)
+            if leaves.size:
+                delta[leaves] = Acc16Weights._fold(pairs[leaves])
+            return delta
         exact = pairs.sum(axis=1, dtype=np.int64)
         _sat16(pairs)
-        if not saturate_sum:
-            return (pairs.sum(axis=1, dtype=np.int64) - exact).astype(np.int32)
-        shift = pairs
+        return (pairs.sum(axis=1, dtype=np.int64) - exact).astype(np.int32)
+
+    @staticmethod
+    def _fold(pairs: np.ndarray) -> np.ndarray:
+        """model - exact of the saturating running sum over each row of pair sums (P, n).
+
+        acc = sat16(acc + sat16(pair)) is a composition of the maps s -> clamp(s + c, lo, hi),
+        and composing two such maps gives another:
+            clamp(clamp(s + c1, lo1, hi1) + c2, lo2, hi2)
+              = clamp(s + c1 + c2, clamp(lo1 + c2, lo2, hi2), clamp(hi1 + c2, lo2, hi2)),
+        so the maps are folded pairwise, log2(n) vectorized steps instead of a loop over n
+        (exact integer arithmetic)."""
+        exact = pairs.sum(axis=1, dtype=np.int64)
+        shift = _sat16(pairs.copy())
         lo = np.full(pairs.shape, INT16_MIN, np.int32)
         hi = np.full(pairs.shape, INT16_MAX, np.int32)
         while shift.shape[1] > 1:

@@ -319,11 +319,14 @@ class IntConv:
         exactly (every value below 2**24, so it is float32(acc), which is what requantization
         computes from the int32 anyway); saves the two conversion passes."""
         prep = self.prepared(w, w_zp, bias)
-        za = scalar_zp(x_zp)
-        if za.size > 1:
-            raise GraphoptError("ConvInteger: x_zero_point must be a scalar")
+        if isinstance(x_zp, int):       # the int8 steps keep theirs as an int
+            za = za_int = x_zp
+        else:
+            za = scalar_zp(x_zp)
+            if za.size > 1:
+                raise GraphoptError("ConvInteger: x_zero_point must be a scalar")
+            za_int = int(za)
         geom = self.geometry(x.shape, prep.raw.shape)
-        za_int = int(za)
         xf = _shifted_float(x, za_int)
         bound = _scalar_shifted_bound(np.dtype(x.dtype), za_int) * max(prep.bound, 1)
         k_total = prep.plain.mat.shape[2]
@@ -353,7 +356,7 @@ class IntConv:
         weights are not constant)."""
         return None if self._prepared is None else self._prepared.unsafe_channels(x_dtype)
 
-    def _acc16_channels(self, acc: np.ndarray, x: np.ndarray, za: np.ndarray,
+    def _acc16_channels(self, acc: np.ndarray, x: np.ndarray, za,
                         prep: _ConvWeights, geom) -> np.ndarray:
         """Add the acc16 model's excess over the exact product to acc's `channels`: raw 8-bit
         operands (padding holds the zero point, as the quantized input would), K ordered
