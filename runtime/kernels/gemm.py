@@ -425,6 +425,10 @@ def _partial_sum_range(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
 #: candidate without the finer sub-block test (a scan that small costs less than the test).
 _DIRECT_SCAN = 1 << 15
 
+#: k per sub-block of Acc16Weights' finer test: coarser than `_refine_by_sub_blocks`' (half
+#: the elementwise work; the few more candidates it keeps cost less to scan).
+_EXCESS_SUB_BLOCK = 32
+
 #: Outputs the per-output acc16 scan handles at once (its pair table is outputs x K-block/2).
 _SCAN_OUTPUTS = 1 << 14
 
@@ -478,7 +482,7 @@ class Acc16Weights:
     the outputs that saturate: no second exact GEMM, no zero-point corrections (the model's
     and the exact product's corrections are the same), no int64 temporaries. The filters are
     `int_gemm_acc16`'s (the exact [negative, positive] range of the block's partial sums, and
-    for one group with many candidates the finer per-16-k sub-block range), run on weight-side
+    for one group with many candidates a finer per-sub-block range), run on weight-side
     operands prepared here in float32; the candidates left are emulated by the same scan. A
     filter only has to be conservative: outside the outputs it keeps, model and exact product
     agree, so the result does not depend on how fine it is.
@@ -510,9 +514,10 @@ class Acc16Weights:
             self._pos_nneg.append(np.concatenate([pos[:, k0:k1], -neg[:, k0:k1]], axis=-1))
             self._neg_npos.append(np.concatenate([neg[:, k0:k1], -pos[:, k0:k1]], axis=-1))
             if g == 1:      # sub-block parts of the finer test: (S, SUB, 2N) of each layout
-                pad = (-(k1 - k0)) % _SUB_BLOCK
+                pad = (-(k1 - k0)) % _EXCESS_SUB_BLOCK
                 self._sub.append(tuple(
-                    np.pad(parts[-1][0], ((0, pad), (0, 0))).reshape(-1, _SUB_BLOCK, 2 * n)
+                    np.pad(parts[-1][0], ((0, pad), (0, 0)))
+                    .reshape(-1, _EXCESS_SUB_BLOCK, 2 * n)
                     for parts in (self._pos_nneg, self._neg_npos)))
 
     def excess(self, a: np.ndarray, saturate_sum: bool = True
@@ -565,8 +570,9 @@ class Acc16Weights:
 
     def _sub_block_filter(self, ab, blk, rows, cols, saturate_sum):
         """`_refine_by_sub_blocks`' test on the candidates (rows[i], cols[i]): cut the block
-        into sub-blocks of _SUB_BLOCK k; a running sum inside sub-block s lies within (exact sum
-        of the sub-blocks before s) + [s's lowest, s's highest], a pair sum within s's range.
+        into sub-blocks of _EXCESS_SUB_BLOCK k; a running sum inside sub-block s lies within
+        (exact sum of the sub-blocks before s) + [s's lowest, s's highest], a pair sum within
+        s's range.
         The sub-block ranges come from GEMMs over the candidates' rows x columns, then only
         the candidates' entries are tested. Returns the candidates that may saturate."""
         m, n = ab.shape[0], self.shape[2]
@@ -611,9 +617,9 @@ class Acc16Weights:
     @staticmethod
     def _sub_parts(a_rows: np.ndarray, count: int) -> np.ndarray:
         """(M', K') -> (S, M', SUB): the rows cut into sub-blocks, zero-padded."""
-        out = np.zeros((count, a_rows.shape[0], _SUB_BLOCK), np.float32)
+        out = np.zeros((count, a_rows.shape[0], _EXCESS_SUB_BLOCK), np.float32)
         for s in range(count):
-            piece = a_rows[:, s * _SUB_BLOCK:(s + 1) * _SUB_BLOCK]
+            piece = a_rows[:, s * _EXCESS_SUB_BLOCK:(s + 1) * _EXCESS_SUB_BLOCK]
             out[s, :, :piece.shape[1]] = piece
         return out
 
