@@ -56,7 +56,7 @@ ACC16_MAX_ERROR = 1e-3
 #: half fp32 FMA's MACs per instruction) with an indexed load per nonzero: a quarter is assumed.
 OUTLIER_RELATIVE_RATE = 0.25
 #: Pixels per spatial axis of the input window on which acc16_error runs a conv.
-ACC16_SAMPLE_SIDE = 8
+ACC16_SAMPLE_SIDE = 16
 #: ISAs on which acc32 is at least as fast as acc16 (and exact).
 VNNI_ISAS = ("avx512-vnni", "amx")
 #: Op types with an int8 QDQ step in the runtime (ConvTranspose stays on the float path).
