@@ -117,12 +117,9 @@ class LiveBuffers:
             for array in _arrays(value):
                 self._add_array(array)
 
-    # add/remove run for every value of every step: kept to plain attribute and dict work.
+    # add/remove run for every value of every step: kept to an owner lookup and dict work.
     def _add_array(self, array: np.ndarray) -> None:
-        base = array.base
-        while type(base) is np.ndarray or isinstance(base, np.ndarray):
-            array = base
-            base = array.base
+        array = owner_of(array)
         key = id(array)
         entry = self._owners.get(key)
         if entry is not None:
@@ -140,11 +137,7 @@ class LiveBuffers:
             for array in _arrays(value):
                 self.remove(array)
             return
-        base = value.base
-        while type(base) is np.ndarray or isinstance(base, np.ndarray):
-            value = base
-            base = value.base
-        key = id(value)
+        key = id(owner_of(value))
         entry = self._owners.get(key)
         if entry is None:
             return
