@@ -526,20 +526,32 @@ def _encode_attr(name: str, value: Any, attr_type: int | None) -> onnx.Attribute
 
 
 def weight_bytes(graph: Graph) -> int:
-    """Bytes of all constants in the model, subgraphs included: initializers and the tensors of
-    Constant ops (exporters such as Paddle's store every weight that way)."""
+    """Bytes of all constants in the model as stored, subgraphs included: initializers (a sparse
+    one as its values plus indices) and the tensors of Constant ops (exporters such as Paddle's
+    store every weight that way)."""
     total = 0
     for g in graph.iter_graphs():
-        total += sum(v.nbytes for v in g.values.values() if v.is_const and not v.outer)
+        total += sum(_stored_bytes(v) for v in g.values.values() if v.is_const and not v.outer)
         for op in g.ops.values():
             tensor = op.attrs.get("value") if op.op_type == "Constant" else None
             if isinstance(tensor, onnx.TensorProto):
-                try:
-                    itemsize = onnx_to_np_dtype(tensor.data_type).itemsize
-                except (KeyError, TypeError, ValueError):
-                    continue
-                total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+                total += _proto_nbytes(tensor)
     return total
+
+
+def _stored_bytes(value: Value) -> int:
+    sparse = value.sparse_proto
+    if sparse is None:
+        return value.nbytes
+    return sum(_proto_nbytes(t) for t in (sparse.values, sparse.indices))
+
+
+def _proto_nbytes(tensor: onnx.TensorProto) -> int:
+    try:
+        itemsize = onnx_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def save(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None) -> None:

@@ -72,6 +72,14 @@ def test_sparse_initializer_densifies_on_demand():
     np.testing.assert_array_equal(g.values["s"].const, [0, 5, 0, 0, 7, 0])
 
 
+def test_weight_bytes_counts_a_sparse_initializer_as_stored():
+    from graphopt.onnx_io import weight_bytes
+    g = graphopt.load(rich_model())
+    assert weight_bytes(g) == 2 * 4 + 2 * 8          # two float32 values, two int64 indices
+    assert g.values["s"].const.nbytes == 6 * 4       # decoding it does not change what is stored
+    assert weight_bytes(g) == 2 * 4 + 2 * 8
+
+
 def test_function_model_runs_the_same_in_onnxruntime():
     fn = helper.make_function("local.fn", "AddTwice", ["a", "b"], ["c"],
                               [helper.make_node("Add", ["a", "b"], ["t"]),
