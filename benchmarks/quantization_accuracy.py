@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-
 import graphopt
 from graphopt import models
+from graphopt.execution import onnxruntime_session
+from graphopt.onnx_io import weight_bytes
 from graphopt.runtime import Session
 
 Feeds = dict[str, np.ndarray]
@@ -242,26 +242,11 @@ def case_for(name: str) -> Callable[[onnx.ModelProto], Case]:
 # ---------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of every initializer as stored (dense and sparse: values plus indices)."""
-    total = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-    for sparse in model.graph.sparse_initializer:
-        total += numpy_helper.to_array(sparse.values).nbytes
-        total += numpy_helper.to_array(sparse.indices).nbytes
-    return total
-
-
-def ort_outputs(model: onnx.ModelProto, batches: list[Feeds], *, fuse: bool = True
+def ort_outputs(graph: graphopt.Graph, batches: list[Feeds], *, fuse: bool = True
                 ) -> list[Feeds]:
     """onnxruntime's outputs; fuse=False disables its graph optimizations, so QDQ groups run
     as DequantizeLinear + float op + QuantizeLinear (the contract's math, no int8 kernel)."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not fuse:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(graph, level="all" if fuse else "disable")
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(None, feeds))) for feeds in batches]
 
@@ -281,10 +266,8 @@ def measure(name: str) -> dict:
     start = time.perf_counter()
     report = graphopt.optimize(o3, "O3", options={"calibration": case.calibration})
     seconds = time.perf_counter() - start
-    o2_model, o3_model = graphopt.to_model(o2), graphopt.to_model(o3)
+    o3_model = graphopt.to_model(o3)
     quant = dict(report.quantization or {})
-    quantize_stats = report.stats_by_pass().get("quantize", {}).get("stats", {})
-    quant.setdefault("embeddings_fp32", quantize_stats.get("embeddings_fp32", 0))
     kernels = [op.meta.get("graphopt.kernel") for op in o3.ops.values()
                if op.meta.get("graphopt.quant") == "int8"
                and not op.meta.get("graphopt.outlier_of")]
@@ -293,12 +276,12 @@ def measure(name: str) -> dict:
                                          if op.meta.get("graphopt.outlier_of"))}
     row = {"model": name, "size": size, "o3_seconds": round(seconds, 2),
            "quantization": quant, "calibration": report.calibration, "kernels": row_kernels,
-           "weights_mb_o2": weight_bytes(o2_model) / 1e6,
-           "weights_mb_o3": weight_bytes(o3_model) / 1e6}
-    fp32 = ort_outputs(o2_model, case.eval_batches)
-    int8 = ort_outputs(o3_model, case.eval_batches)
+           "weights_mb_o2": weight_bytes(o2) / 1e6,
+           "weights_mb_o3": weight_bytes(o3) / 1e6}
+    fp32 = ort_outputs(o2, case.eval_batches)
+    int8 = ort_outputs(o3, case.eval_batches)
     row["rel_l2_o3"] = worst_rel_l2(int8, fp32)
-    qdq_math = ort_outputs(o3_model, case.eval_batches, fuse=False)
+    qdq_math = ort_outputs(o3, case.eval_batches, fuse=False)
     row["rel_l2_o3_unfused"] = worst_rel_l2(qdq_math, fp32)
     row["rel_l2_per_output"] = {k: rel_l2(stacked(int8, k), stacked(fp32, k)) for k in fp32[0]}
     label, before, after = case.metric(fp32, int8, o3_model)
