@@ -30,11 +30,24 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17, value_i
     return helper.make_model(graph, opset_imports=opsets, ir_version=ir_version)
 
 
-def run_ort(model: onnx.ModelProto | graphopt.Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_ort(model: onnx.ModelProto | graphopt.Graph, feeds: dict[str, np.ndarray],
+            optimized: bool = True) -> list[np.ndarray]:
+    """onnxruntime's outputs; optimized=False turns its graph optimizations off, so QDQ groups
+    run as written (DequantizeLinear, float op, QuantizeLinear) instead of its int8 kernels."""
     if isinstance(model, graphopt.Graph):
         model = graphopt.to_model(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(a - e) / np.linalg.norm(e))
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

@@ -9,14 +9,13 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
 import graphopt
 from graphopt.cli import main
 from graphopt.runtime import Session
-from oracle import make_model
+from oracle import make_model, rel_l2, run_ort
 
 BUDGET = 2e-2           # the default quant_error_budget
 #: The graphopt runtime and onnxruntime's QDQ reference path (no graph optimizations: DQ -> float
@@ -76,16 +75,8 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
 def ort_outputs(path, feeds, optimized: bool = True) -> np.ndarray:
-    options = ort.SessionOptions()
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
+    return run_ort(onnx.load(str(path)), feeds, optimized)[0]
 
 
 def assert_quantized_model_runs(original, quantized) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -24,6 +23,7 @@ from graphopt.passes.outliers import split_weights
 from graphopt.passes.qparams import affine_qparams
 from graphopt.pipeline import optimize
 from graphopt.runtime import Session
+from oracle import rel_l2, run_ort
 
 BUDGET = 2e-2
 HOST = detect_machine(measure=False)
@@ -31,20 +31,6 @@ HOST = detect_machine(measure=False)
 
 def machine(target: str):
     return modeled_machine(target, HOST)
-
-
-def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(a - e) / np.linalg.norm(e))
-
-
-def ort_run(model: onnx.ModelProto, feeds: dict, optimized: bool = True) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,11 +132,11 @@ def test_o3_model_is_valid_onnx_and_close_to_float_in_onnxruntime(float_model, a
     assert report.quantization["ops_int8"] == 3 and report.quantization["error_rel_l2"] <= BUDGET
     for seed in (7, 8):
         feeds = images(seed)
-        expected = ort_run(float_model, feeds)[0]
-        unfused = ort_run(model, feeds, optimized=False)[0]
+        expected = run_ort(float_model, feeds)[0]
+        unfused = run_ort(model, feeds, optimized=False)[0]
         assert unfused.shape == expected.shape
         assert rel_l2(unfused, expected) <= 1.5 * BUDGET
-        assert rel_l2(ort_run(model, feeds)[0], expected) <= ORT_FUSED_SLACK * BUDGET
+        assert rel_l2(run_ort(model, feeds)[0], expected) <= ORT_FUSED_SLACK * BUDGET
 
 
 def test_ops_are_int8_with_per_channel_weight_scales(avx2):
@@ -199,9 +185,9 @@ def test_dlrm_embeddings_are_rowwise_int8():
     out = graphopt.to_model(graph)
     onnx.checker.check_model(out)
     other = models.example_inputs("dlrm", model, seed=1, batch=4)
-    expected = ort_run(model, other)[0]
-    assert rel_l2(ort_run(out, other, optimized=False)[0], expected) <= 2 * BUDGET
-    assert rel_l2(ort_run(out, other)[0], expected) <= ORT_FUSED_SLACK * BUDGET
+    expected = run_ort(model, other)[0]
+    assert rel_l2(run_ort(out, other, optimized=False)[0], expected) <= 2 * BUDGET
+    assert rel_l2(run_ort(out, other)[0], expected) <= ORT_FUSED_SLACK * BUDGET
 
 
 def test_tight_budget_keeps_the_most_sensitive_op_in_float(float_model):
@@ -258,10 +244,10 @@ def test_outlier_split_is_exact(float_model, avx2):
 
     # onnxruntime: the same math, up to float rounding (unfused: float convs on both sides)
     feeds = images(9)
-    a = ort_run(model, feeds, optimized=False)[0]
-    b = ort_run(graphopt.to_model(unsplit), feeds, optimized=False)[0]
+    a = run_ort(model, feeds, optimized=False)[0]
+    b = run_ort(graphopt.to_model(unsplit), feeds, optimized=False)[0]
     assert rel_l2(a, b) <= 1e-3
-    assert rel_l2(ort_run(model, feeds)[0], b) <= ORT_FUSED_SLACK * BUDGET   # fused: runs
+    assert rel_l2(run_ort(model, feeds)[0], b) <= ORT_FUSED_SLACK * BUDGET   # fused: runs
 
     # graphopt runtime: the split group with 32-bit accumulation is bit-exact
     reloaded = graphopt.load(model)
@@ -318,8 +304,8 @@ def test_fc_outlier_split_is_exact(op_type):
     assert whole.meta["graphopt.kernel"] == "int8_acc32"
     assert "were not split off (outlier_split did not run)" in whole.meta["graphopt.reason"]
     feeds = fc_feeds(op_type, 20)
-    a = ort_run(graphopt.to_model(split), feeds, optimized=False)[0]
-    b = ort_run(graphopt.to_model(unsplit), feeds, optimized=False)[0]
+    a = run_ort(graphopt.to_model(split), feeds, optimized=False)[0]
+    b = run_ort(graphopt.to_model(unsplit), feeds, optimized=False)[0]
     assert rel_l2(a, b) <= 1e-3
     session = Session(split)
     (step,) = session.int8_steps
@@ -419,7 +405,7 @@ def gaussian_conv_net() -> onnx.ModelProto:
 def test_pre_vnni_targets_get_7_bit_weights_that_onnxruntime_sums_exactly():
     model = gaussian_conv_net()
     feeds = images(7)
-    expected = ort_run(model, feeds)[0]
+    expected = run_ort(model, feeds)[0]
     narrow, report = quantized(model, "avx2")
     wide, _ = quantized(model, "avx512-vnni")
     for name in ("conv1", "conv2", "fc"):
@@ -430,8 +416,8 @@ def test_pre_vnni_targets_get_7_bit_weights_that_onnxruntime_sums_exactly():
         assert np.abs(w7.astype(int)).max() <= 64 < np.abs(w8.astype(int)).max()
     assert report.quantization["ops_int8_7bit"] == 3 and report.quantization["narrow_weights"]
     # 7-bit weights: onnxruntime's fused u8s8 kernels now agree with the unfused QDQ math
-    fused = ort_run(graphopt.to_model(narrow), feeds)[0]
-    unfused = ort_run(graphopt.to_model(narrow), feeds, optimized=False)[0]
+    fused = run_ort(graphopt.to_model(narrow), feeds)[0]
+    unfused = run_ort(graphopt.to_model(narrow), feeds, optimized=False)[0]
     assert rel_l2(fused, unfused) < 2e-3
     assert rel_l2(fused, expected) <= 1.5 * BUDGET
 
@@ -458,8 +444,8 @@ def test_graphopt_runtime_runs_the_o3_model_like_onnxruntime(avx2):
     for seed in (11, 12):
         feeds = images(seed)
         ours = session.run(feeds)["y"]
-        assert rel_l2(ours, ort_run(model, feeds, optimized=False)[0]) <= BUDGET / 4
-        assert rel_l2(ours, ort_run(model, feeds)[0]) <= ORT_FUSED_SLACK * BUDGET
+        assert rel_l2(ours, run_ort(model, feeds, optimized=False)[0]) <= BUDGET / 4
+        assert rel_l2(ours, run_ort(model, feeds)[0]) <= ORT_FUSED_SLACK * BUDGET
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -489,8 +475,8 @@ def test_ir3_light_model_keeps_its_inputs_at_o3():
     out = graphopt.to_model(graph)
     onnx.checker.check_model(out)
     feeds = {"data_0": np.random.default_rng(3).random((1, 3, 224, 224), np.float32)}
-    expected = ort_run(model, feeds)[0]
-    assert rel_l2(ort_run(out, feeds)[0], expected) <= 3 * BUDGET
+    expected = run_ort(model, feeds)[0]
+    assert rel_l2(run_ort(out, feeds)[0], expected) <= 3 * BUDGET
 
 
 def symbolic_image_model() -> onnx.ModelProto:

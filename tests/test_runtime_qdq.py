@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.runtime.kernels.gemm import acc16_safe_columns, int_gemm_acc16
 from graphopt.runtime.session import Session
+from oracle import run_ort
 
 SEED = 11
 INT16_MAX = 32767
@@ -150,17 +151,6 @@ def conv_acc16_ref(x_q, x_zp, w, pads, strides, group):
             raw = int_gemm_acc16(a.astype(np.uint8), wg.astype(np.int8)).astype(np.int64)
             out[b, g * cog:(g + 1) * cog] = (raw - x_zp * wg.sum(axis=0)).T
     return out.reshape(n, w.shape[0], oh, ow)
-
-
-def run_ort(model, feeds, optimize=True):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
 
 
 def only_step(session, accumulation="int8_acc32"):
