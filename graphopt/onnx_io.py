@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +394,25 @@ def input_signature(graph: Graph) -> onnx.ModelProto:
     for name in graph.outputs:
         model.graph.output.append(_value_info(graph.values[name]))
     return model
+
+
+def load_with_constants_of(model: onnx.ModelProto, source: Graph, swapped: Sequence[str]) -> Graph:
+    """Load `model`, made from `source` by `to_model_without_large_constants` (and perhaps
+    rewritten, e.g. by the opset converter), and hand it the `swapped` constants of `source` by
+    reference (no copy). Its graph inputs are those of `source` (IR < 4 lists every initializer
+    as an input too). ValueError when a swapped constant is no longer an input of `model`."""
+    graph = load(model)
+    lost = [name for name in swapped if name not in graph.values or not graph.is_input(name)]
+    if lost:
+        raise ValueError(f"constants no longer graph inputs: {', '.join(lost[:3])}")
+    kept = set(source.inputs)
+    graph.inputs = [name for name in graph.inputs if name in kept]
+    for name in swapped:
+        origin, target = source.values[name], graph.values[name]
+        target._array, target._proto = origin._array, origin._proto
+        target._loader, target.sparse_proto = origin._loader, origin.sparse_proto
+        target.type_proto = target.value_info_proto = target._declared = None
+    return graph
 
 
 def _graph_proto(graph: Graph) -> onnx.GraphProto:

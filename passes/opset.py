@@ -15,7 +15,7 @@ import onnx
 import onnx.version_converter
 
 from graphopt.ir import Graph
-from graphopt.onnx_io import load, to_model_without_large_constants
+from graphopt.onnx_io import load_with_constants_of, to_model_without_large_constants
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_patterns import (match_gelu_erf, match_gelu_tanh, match_hardsigmoid_times_x,
                                              match_hardswish)
@@ -71,20 +71,12 @@ def convert_opset(graph: Graph, target: int) -> bool:
     try:
         converted = onnx.version_converter.convert_version(model, target)
         onnx.checker.check_model(converted)
-        upgraded = load(converted)
     except Exception:  # the converter lacks an adapter for some op: keep the model as is
         return False
-    if any(name not in upgraded.values or not upgraded.is_input(name) for name in weights):
+    try:
+        upgraded = load_with_constants_of(converted, graph, weights)
+    except ValueError:
         return False  # the converter renamed or rewired a weight: not worth the risk
-    # IR < 4 lists every initializer as a graph input too: keep the graph's own inputs
-    kept = set(graph.inputs) | set(weights)
-    upgraded.inputs = [name for name in upgraded.inputs if name in kept]
-    for name in weights:
-        source, target_value = graph.values[name], upgraded.values[name]
-        upgraded.inputs.remove(name)
-        target_value._array, target_value._proto = source._array, source._proto
-        target_value._loader, target_value.sparse_proto = source._loader, source.sparse_proto
-        target_value.type_proto = target_value.value_info_proto = target_value._declared = None
     graph.adopt(upgraded)
     return True
 

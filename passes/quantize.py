@@ -95,6 +95,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
+from copy import copy as shallow_copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -639,24 +640,18 @@ class Evaluator:
         self.batches = list(batches)
         self.reference = reference
         self.skeleton, self.swapped = to_model_without_large_constants(graph, max_bytes=4096)
-        self.input_names = set(graph.inputs)
         self.runs = 0
 
-    def copy(self) -> Graph:
-        from graphopt.onnx_io import load
+    def on(self, batches: Sequence[dict[str, np.ndarray]],
+           reference: Sequence[Sequence[np.ndarray]]) -> Evaluator:
+        """The same evaluator on other batches (sharing the graph's skeleton)."""
+        other = shallow_copy(self)
+        other.batches, other.reference, other.runs = list(batches), reference, 0
+        return other
 
-        copy = load(self.skeleton)
-        # IR < 4 lists every initializer as a graph input too: keep the original's inputs (and
-        # the swapped weights, attached below)
-        copy.inputs = [name for name in copy.inputs
-                       if name in self.input_names or name in self.swapped]
-        for name in self.swapped:
-            source, target = self.graph.values[name], copy.values[name]
-            copy.inputs.remove(name)
-            target._array, target._proto = source._array, source._proto
-            target._loader, target.sparse_proto = source._loader, source.sparse_proto
-            target.type_proto = target.value_info_proto = target._declared = None
-        return copy
+    def copy(self) -> Graph:
+        from graphopt.onnx_io import load_with_constants_of
+        return load_with_constants_of(self.skeleton, self.graph, self.swapped)
 
     def outputs(self, plan: Plan) -> list[list[np.ndarray]]:
         from graphopt.runtime import Session
@@ -833,9 +828,8 @@ class Quantize(QuantizationPass):
                                 "DequantizeLinear)"
                 return result
             result.count(f"opset_{current}_to_{MIN_OPSET}")
-            candidates = find_candidates(graph, min_bytes)
-        unique_op_names(graph, [op for op in graph.ops.values()
-                                if op.name in {c.op_name for c in candidates} or not op.name])
+        names = {c.op_name for c in candidates}   # the converter keeps op names
+        unique_op_names(graph, [op for op in graph.ops.values() if op.name in names or not op.name])
         candidates = find_candidates(graph, min_bytes)
 
         data = calibration_data(graph, ctx.option("calibration"),
@@ -863,10 +857,11 @@ class Quantize(QuantizationPass):
         weights = WeightCache(graph, method, narrow)
         evaluator = Evaluator(graph, candidates, qparams, weights, data.batches[:eval_count],
                               run.outputs[:eval_count])
-        fp16_ok = lambda c: float(np.abs(graph.values[c.weight].const).max(initial=0.0)) <= _FP16_MAX
+        fits_fp16 = {c.op_name for c in candidates if not c.is_embedding
+                     and float(np.abs(graph.values[c.weight].const).max(initial=0.0)) <= _FP16_MAX}
+        fp16_ok = lambda c: c.op_name in fits_fp16
         chooser = select_lazily if ctx.option("quant_sensitivity", "auto") == "auto" else select
-        ranking = Evaluator(graph, candidates, qparams, weights, data.batches[:1],
-                            run.outputs[:1]) if eval_count > 1 else evaluator
+        ranking = evaluator.on(data.batches[:1], run.outputs[:1]) if eval_count > 1 else evaluator
         selection = chooser(candidates, evaluator.error, budget, fp16_ok=fp16_ok,
                             sensitivity_of=ranking.error)
 
