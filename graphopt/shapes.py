@@ -25,15 +25,7 @@ def infer_shapes(graph: Graph, input_shapes: dict[str, Shape] | None = None, *,
     model's declared inputs are not changed. Known shapes are kept unless `overwrite`; returns the
     number of values whose type or shape became known. Inference errors leave the graph as it was.
     """
-    model = _inference_model(graph, input_shapes or {})
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                                     data_prop=True)
-    except Exception:  # onnx raises a variety of errors for ops it cannot infer
-        return 0
-    found: dict[str, onnx.TypeProto] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        found[vi.name] = vi.type
+    found = inferred_types(graph, input_shapes)
     updated = 0
     for name, type_proto in found.items():
         value = graph.values.get(name)
@@ -55,6 +47,19 @@ def infer_shapes(graph: Graph, input_shapes: dict[str, Shape] | None = None, *,
                 value.shape = dims
         updated += changed
     return updated
+
+
+def inferred_types(graph: Graph, input_shapes: dict[str, Shape] | None = None
+                   ) -> dict[str, onnx.TypeProto]:
+    """Value name -> type from onnx shape inference (inputs pinned by `input_shapes`), without
+    touching the graph; empty when inference fails."""
+    model = _inference_model(graph, input_shapes or {})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except Exception:  # onnx raises a variety of errors for ops it cannot infer
+        return {}
+    return {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
 
 
 def _more_specific(new: Shape, old: Shape) -> bool:

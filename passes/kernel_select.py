@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from graphopt.cost import GEMM, CostContext, OpCost, op_cost
 from graphopt.errors import UsageError
@@ -100,7 +99,7 @@ def cost_context(graph: Graph, ctx: PassContext, ops: Sequence[Op] = ()) -> Cost
     inferred shapes into the graph (the saved model keeps its symbolic dims). Where inference
     leaves an activation of `ops` unknown (a data-dependent Range, say), one run of the graphopt
     runtime on synthetic feeds of those shapes measures it."""
-    from graphopt.shapes import _inference_model
+    from graphopt.shapes import inferred_types
 
     pins: dict[str, tuple] = {}
     for name, shape in (quantization_state(ctx).input_shapes or {}).items():
@@ -109,21 +108,14 @@ def cost_context(graph: Graph, ctx: PassContext, ops: Sequence[Op] = ()) -> Cost
         pins[name] = tuple(shape)
     pins = {k: v for k, v in pins.items() if k in graph.inputs}
     costs = CostContext(graph, pins)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_inference_model(graph, pins),
-                                                     check_type=False, strict_mode=False,
-                                                     data_prop=True)
-        infos = list(inferred.graph.value_info) + list(inferred.graph.output)
-    except Exception:  # onnx raises many error types; the graph's own shapes then serve
-        infos = []
-    for vi in infos:
-        if vi.name in pins or not vi.type.HasField("tensor_type") \
-                or not vi.type.tensor_type.HasField("shape"):
+    for name, type_proto in inferred_types(graph, pins).items():   # empty if inference fails
+        if name in pins or not type_proto.HasField("tensor_type") \
+                or not type_proto.tensor_type.HasField("shape"):
             continue
         dims = tuple(int(d.dim_value) if d.HasField("dim_value") else None
-                     for d in vi.type.tensor_type.shape.dim)
+                     for d in type_proto.tensor_type.shape.dim)
         if all(d is not None for d in dims):
-            costs.pinned[vi.name] = dims
+            costs.pinned[name] = dims
     unknown = [name for op in ops for name in (op.inputs[0], op.outputs[0])
                if costs.static_shape(name) is None]
     if unknown:
