@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import UsageError
-from graphopt.feeds import feed_names, name_list, synthetic_feeds
+from graphopt.feeds import feed_names, name_list, read_array_file, synthetic_feeds
 from graphopt.ir import Graph, onnx_to_np_dtype
 
 #: Bins of every activation histogram.
@@ -124,20 +124,13 @@ def load_calibration(graph: Graph, path: str | os.PathLike, *,
 
 
 def _read_npz(file: Path) -> dict[str, np.ndarray]:
-    if file.suffix == ".npy":
-        try:
-            return {file.stem: np.load(file, allow_pickle=False)}
-        except Exception as exc:  # numpy raises several types for unreadable files
-            raise UsageError(f"--calib {file}: cannot read it as .npy ({type(exc).__name__})") from None
-    try:
-        with np.load(file, allow_pickle=False) as loaded:
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise UsageError(f"--calib {file}: not an .npz archive of arrays by input name")
-            return {k: loaded[k] for k in loaded.files}
-    except UsageError:
-        raise
-    except Exception as exc:  # numpy raises several types for unreadable files
-        raise UsageError(f"--calib {file}: cannot read it as .npz ({type(exc).__name__})") from None
+    """An .npz file's arrays by name, or an .npy file's array under the file's stem."""
+    loaded = read_array_file(file, "--calib")
+    if isinstance(loaded, dict):
+        return loaded
+    if file.suffix != ".npy":
+        raise UsageError(f"--calib {file}: not an .npz archive of arrays by input name")
+    return {file.stem: loaded}
 
 
 def default_calibration(graph: Graph, *, samples: int = DEFAULT_SYNTHETIC_SAMPLES,

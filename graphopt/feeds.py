@@ -95,6 +95,20 @@ def synthetic_feeds(graph: Graph, shapes: dict[str, tuple[int, ...]] | None = No
     return feeds
 
 
+def read_array_file(path: str | os.PathLike, label: str) -> np.ndarray | dict[str, np.ndarray]:
+    """An .npy file's array, or an .npz file's arrays by name (read in full); a UsageError
+    starting with `label` when numpy cannot read it."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return loaded
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    except Exception as exc:  # numpy raises several types for bad files
+        raise UsageError(f"{label}: cannot read {path} as .npy/.npz "
+                         f"({type(exc).__name__})") from None
+
+
 def load_feed_files(items: Iterable[str] | None) -> dict[str, np.ndarray]:
     """`--input NAME=FILE.npy` options, or a single `FILE.npz` holding all inputs by name."""
     feeds: dict[str, np.ndarray] = {}
@@ -106,15 +120,11 @@ def load_feed_files(items: Iterable[str] | None) -> dict[str, np.ndarray]:
             raise UsageError(f"--input {item!r}: expected NAME=FILE.npy or FILE.npz")
         if not os.path.isfile(path):
             raise UsageError(f"--input {item!r}: no such file {path}")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except Exception as exc:  # numpy raises several types for bad files
-            raise UsageError(f"--input {item!r}: cannot read {path} as .npy/.npz ({type(exc).__name__})") from None
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                if name:
-                    raise UsageError(f"--input {item!r}: give an .npz file without NAME=")
-                feeds.update({k: loaded[k] for k in loaded.files})
+        loaded = read_array_file(path, f"--input {item!r}")
+        if isinstance(loaded, dict):
+            if name:
+                raise UsageError(f"--input {item!r}: give an .npz file without NAME=")
+            feeds.update(loaded)
         else:
             feeds[name] = loaded
     return feeds
