@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny models from nodes, and onnxruntime as the oracle."""
+"""Shared test helpers: tiny models from nodes, onnxruntime as the oracle, and the CLI in-process."""
 
 from __future__ import annotations
 
@@ -83,3 +83,11 @@ def optimize_and_compare(model: onnx.ModelProto, level: str = "O1", feeds=None, 
 
 def op_types(graph: graphopt.Graph) -> list[str]:
     return sorted(op.op_type for op in graph.ops.values())
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`graphopt ARGV...` in-process: (exit code, stdout, stderr)."""
+    from graphopt.cli import main
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

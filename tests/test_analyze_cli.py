@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import machine as machine_module
-from graphopt.cli import main
+from oracle import run_cli
 
 F = TensorProto.FLOAT
 
@@ -46,12 +46,6 @@ def model_path(tmp_path):
     path = tmp_path / "small.onnx"
     onnx.save(conv_model(), str(path))
     return path
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_text_report_and_json_contract(tmp_path, model_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper
 
 from graphopt.cli import main
-from oracle import make_model, run_ort
+from oracle import make_model, run_cli, run_ort
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 
@@ -28,12 +28,6 @@ def model_path(tmp_path):
     path = tmp_path / "in.onnx"
     onnx.save(small_model(), str(path))
     return path
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_optimize_writes_model_and_report(tmp_path, model_path, capsys):

@@ -13,9 +13,8 @@ import pytest
 from onnx import helper
 
 import graphopt
-from graphopt.cli import main
 from graphopt.runtime import Session
-from oracle import make_model, rel_l2, run_ort
+from oracle import make_model, rel_l2, run_cli, run_ort
 
 BUDGET = 2e-2           # the default quant_error_budget
 #: The graphopt runtime and onnxruntime's QDQ reference path (no graph optimizations: DQ -> float
@@ -67,12 +66,6 @@ def calib_path(tmp_path):
     path = tmp_path / "calib.npz"
     np.savez(path, x=images(16, seed=1))
     return path
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def ort_outputs(path, feeds, optimized: bool = True) -> np.ndarray:
