@@ -60,7 +60,7 @@ class Value:
     __slots__ = (
         "name", "dtype", "shape", "doc_string", "meta", "qparams", "outer", "graph",
         "_array", "_proto", "_loader", "type_proto", "_declared", "sparse_proto",
-        "value_info_proto",
+        "sparse_node", "value_info_proto",
     )
 
     def __init__(self, name: str, dtype: int = 0, shape: Shape | None = None) -> None:
@@ -80,6 +80,11 @@ class Value:
         self.type_proto: onnx.TypeProto | None = None
         self._declared: tuple[int, Shape | None] | None = None
         self.sparse_proto: onnx.SparseTensorProto | None = None
+        # Where sparse data is stored in the file: None for a sparse_initializer, else the
+        # Constant node (sparse_value attribute) that holds it. Standard ops accept only dense
+        # tensors, so onnx's strict type check rejects a sparse initializer read by one, and
+        # accepts a Constant's output, which is dense.
+        self.sparse_node: onnx.NodeProto | None = None
         self.value_info_proto: onnx.ValueInfoProto | None = None
 
     def __repr__(self) -> str:
@@ -109,6 +114,7 @@ class Value:
         self._proto = None
         self._loader = None
         self.sparse_proto = None
+        self.sparse_node = None
         if self._array is not None:
             self.dtype = np_dtype_to_onnx(self._array.dtype) or self.dtype
             self.shape = tuple(int(d) for d in self._array.shape)

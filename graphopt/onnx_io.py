@@ -257,6 +257,13 @@ def _load_graph(gproto: onnx.GraphProto, parent: Graph | None, base_dir: str | N
             value.doc_string = vi.doc_string
             value.value_info_proto = vi
     for node in gproto.node:
+        sparse = _sparse_constant(node)
+        if sparse is not None:      # kept as sparse data, written back as this Constant node
+            value = graph.values[node.output[0]]
+            value.sparse_proto, value.sparse_node = sparse, node
+            value.dtype = sparse.values.data_type
+            value.shape = tuple(int(d) for d in sparse.dims)
+            continue
         _load_node(graph, node, base_dir)
     for vi in gproto.output:
         if vi.name not in graph.values:
@@ -271,6 +278,20 @@ def _load_graph(gproto: onnx.GraphProto, parent: Graph | None, base_dir: str | N
             value.value_info_proto = vi
         graph.outputs.append(vi.name)
     return graph
+
+
+def _sparse_constant(node: onnx.NodeProto) -> onnx.SparseTensorProto | None:
+    """The sparse tensor of a Constant node that holds only a sparse_value, else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") \
+            or len(node.attribute) != 1 or node.attribute[0].name != "sparse_value" \
+            or len(node.output) != 1 or not node.output[0]:
+        return None
+    return node.attribute[0].sparse_tensor
+
+
+def sparse_constant_node(name: str) -> onnx.NodeProto:
+    """A Constant node to store sparse value `name` in (see Value.sparse_node)."""
+    return onnx.helper.make_node("Constant", [], [name], name=f"{name}_constant")
 
 
 def _load_node(graph: Graph, node: onnx.NodeProto, base_dir: str | None) -> Op:
@@ -411,6 +432,7 @@ def load_with_constants_of(model: onnx.ModelProto, source: Graph, swapped: Seque
         origin, target = source.values[name], graph.values[name]
         target._array, target._proto = origin._array, origin._proto
         target._loader, target.sparse_proto = origin._loader, origin.sparse_proto
+        target.sparse_node = origin.sparse_node
         target.type_proto = target.value_info_proto = target._declared = None
     return graph
 
@@ -430,8 +452,12 @@ def _graph_proto(graph: Graph) -> onnx.GraphProto:
     list_initializers = graph.parent is None and graph.model is not None \
         and graph.model.ir_version < 4
     listed = set(graph.inputs)
+    sparse_nodes = []
     for value in graph.values.values():
         if value.outer or not value.is_const:
+            continue
+        if value.sparse_node is not None and value.sparse_proto is not None:
+            sparse_nodes.append(_sparse_node_proto(value))
             continue
         if list_initializers and value.name not in listed:
             gp.input.append(_value_info(value))
@@ -447,9 +473,21 @@ def _graph_proto(graph: Graph) -> onnx.GraphProto:
             continue
         if value.value_info_proto is not None or (value.dtype and value.shape is not None):
             gp.value_info.append(_value_info(value))
+    gp.node.extend(sparse_nodes)
     for op in graph.topological_ops():
         gp.node.append(_node_proto(op))
     return gp
+
+
+def _sparse_node_proto(value: Value) -> onnx.NodeProto:
+    """The Constant node holding sparse `value` (its loaded node, name and all, when it has one)."""
+    node = onnx.NodeProto()
+    node.CopyFrom(value.sparse_node)
+    node.ClearField("output")
+    node.output.append(value.name)
+    node.ClearField("attribute")
+    node.attribute.append(onnx.helper.make_attribute("sparse_value", value.sparse_proto))
+    return node
 
 
 def _value_info(value: Value) -> onnx.ValueInfoProto:

@@ -8,9 +8,11 @@ layer whose few large weights break that can still run acc16 on the rest:
 
 both int8 with the same per-channel scales, so the sum is exactly the unsplit product. The Add
 sits before the group's output QuantizeLinear and before a fused Relu/Clip (the activation must
-see the sum). W_outlier is an ONNX sparse_initializer (Value.sparse_proto; onnxruntime densifies
-it at load, the graphopt runtime runs it as a sparse int32 product: runtime/kernels/
-sparse_int8.py). The outlier op carries `graphopt.kernel=int8_acc32` and
+see the sum). W_outlier is sparse data (Value.sparse_proto), stored in the file as the
+sparse_value of a Constant node rather than as a sparse_initializer: a Constant's output is a
+dense tensor, which DequantizeLinear's type constraint accepts, so the model passes onnx's full
+check. onnxruntime densifies it at load; the graphopt runtime runs it as a sparse int32 product
+(runtime/kernels/sparse_int8.py). The outlier op carries `graphopt.kernel=int8_acc32` and
 `graphopt.outlier_of=<main op>`; the bias stays on the main op.
 
 Which ops are split: on a target without VNNI, every int8 op with weights beyond T. Quantize
@@ -30,6 +32,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphopt.ir import Graph, Op
+from graphopt.onnx_io import sparse_constant_node
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_epilogue import EPILOGUE_META, FUSE_META
 from graphopt.passes.kernel_select import (ACC32, KERNEL_OPS, OUTLIER_THRESHOLD, VNNI_ISAS,
@@ -118,6 +121,7 @@ def split_op(graph: Graph, op: Op, w_small: np.ndarray, w_out: np.ndarray) -> Op
     out_name = graph.fresh_name(f"{w_name}_outliers")
     out_value = graph.add_value(out_name, T.INT8, tuple(int(d) for d in w_out.shape))
     out_value.sparse_proto = sparse_initializer(out_name, w_out)
+    out_value.sparse_node = sparse_constant_node(out_name)   # a strictly typed, valid file
     out_dq = graph.add_value(graph.fresh_name(f"{w_name}_outliers_dequantized"), T.FLOAT,
                              graph.values[op.inputs[1]].shape).name
     graph.add_op("DequantizeLinear", [out_name, *w_dq.inputs[1:]], [out_dq], dict(w_dq.attrs),

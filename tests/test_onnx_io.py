@@ -80,6 +80,29 @@ def test_weight_bytes_counts_a_sparse_initializer_as_stored():
     assert weight_bytes(g) == 2 * 4 + 2 * 8
 
 
+def test_sparse_constant_node_loads_as_sparse_data_and_saves_back_unchanged():
+    """A Constant holding only a sparse_value is loaded as a sparse constant (not an op, not
+    densified) and written back as that same node, so the file stays strictly valid."""
+    holder = helper.make_node("Constant", [], ["s"], name="holder", doc_string="sparse weights",
+                              sparse_value=helper.make_sparse_tensor(
+                                  helper.make_tensor("s", TensorProto.FLOAT, [2], [5.0, 7.0]),
+                                  helper.make_tensor("s_idx", TensorProto.INT64, [2], [1, 4]), [6]))
+    graph = helper.make_graph([holder, helper.make_node("Add", ["x", "s"], ["y"], name="add")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    g = graphopt.load(model)
+    assert g.count_ops() == 1 and g.values["s"].sparse_proto is not None
+    assert onnx_io.weight_bytes(g) == 2 * 4 + 2 * 8
+    saved = graphopt.to_model(g)
+    assert saved.graph.node[0].SerializeToString() == holder.SerializeToString()
+    assert not saved.graph.sparse_initializer
+    onnx.checker.check_model(saved, full_check=True)
+    feeds = {"x": np.ones(6, np.float32)}
+    np.testing.assert_array_equal(run_ort(saved, feeds)[0], [1, 6, 1, 1, 8, 1])
+    np.testing.assert_array_equal(g.values["s"].const, [0, 5, 0, 0, 7, 0])
+
+
 def test_function_model_runs_the_same_in_onnxruntime():
     fn = helper.make_function("local.fn", "AddTwice", ["a", "b"], ["c"],
                               [helper.make_node("Add", ["a", "b"], ["t"]),

@@ -239,8 +239,13 @@ def test_outlier_split_is_exact(float_model, avx2):
     whole = w_of(unsplit, ops_by_name(unsplit)["conv2"]).const
     assert np.array_equal(small.const.astype(np.int16) + sparse.const, whole)
     model = graphopt.to_model(split)
-    assert len(model.graph.sparse_initializer) == 1
-    onnx.checker.check_model(model)
+    # stored sparse, as a Constant's sparse_value (dense to its reader): strictly valid
+    holders = [n for n in model.graph.node if n.op_type == "Constant"
+               and n.attribute[0].name == "sparse_value"]
+    assert len(holders) == 1 and not model.graph.sparse_initializer
+    assert holders[0].attribute[0].sparse_tensor.values.dims[0] == np.count_nonzero(sparse.const)
+    onnx.checker.check_model(model, full_check=True)
+    assert graphopt.load(model).values[holders[0].output[0]].sparse_proto is not None
 
     # onnxruntime: the same math, up to float rounding (unfused: float convs on both sides)
     feeds = images(9)
