@@ -131,6 +131,12 @@ CONV_T_CASES = [
     ({"dilations": [2, 2]}, (1, 1, 3, 3), (1, 1, 2, 2)),
     ({}, (1, 2, 5), (2, 3, 3)),
     ({"strides": [2, 1, 2]}, (1, 2, 3, 4, 3), (2, 2, 2, 3, 2)),
+    # overlapping taps summed per output phase (_phase_conv_transpose)
+    ({"strides": [2, 2], "pads": [1, 1, 1, 1]}, (2, 5, 6, 7), (5, 4, 4, 4)),   # Conv(Resize x2)
+    ({"strides": [8, 8], "pads": [1, 1, 1, 1]}, (1, 3, 3, 4), (3, 2, 10, 10)),
+    ({"strides": [4, 3], "pads": [0, 2, 3, 1]}, (1, 2, 4, 5), (2, 3, 6, 5)),
+    ({"strides": [2, 3], "pads": [1, 0, 0, 2], "output_padding": [1, 2]}, (2, 3, 3, 4), (3, 2, 5, 4)),
+    ({"strides": [2, 2], "output_shape": [9, 12]}, (1, 2, 4, 5), (2, 3, 3, 4)),
 ]
 
 
@@ -142,6 +148,19 @@ def test_conv_transpose(attrs, xs, ws, weights):
     b = _rand(rng, ws[1] * attrs.get("group", 1))
     consts = ("w", "b") if weights == "const" else ()
     check("ConvTranspose", {"x": x, "w": w, "b": b}, attrs, consts=consts)
+
+
+def test_conv_transpose_overlapping_taps_run_by_phase(monkeypatch):
+    """The cases above with overlapping 2-D taps take the per-phase path (and still match)."""
+    from graphopt.runtime.kernels import nn
+    calls = []
+    real = nn._phase_conv_transpose
+    monkeypatch.setattr(nn, "_phase_conv_transpose", lambda *a: calls.append(a[2]) or real(*a))
+    rng = np.random.default_rng(RNG_SEED)
+    x, w = _rand(rng, 1, 3, 3, 4), _rand(rng, 3, 2, 10, 10)
+    check("ConvTranspose", {"x": x, "w": w}, {"strides": [8, 8], "pads": [1, 1, 1, 1]},
+          consts=("w",))
+    assert calls and calls[0] == [8, 8]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,6 +157,13 @@ def _conv_transpose(node: KernelNode):
         spatial = x.shape[2:]
         d = len(spatial)
         c_out = w.shape[1] * groups
+        if d == 2 and groups == 1 and dilations == [1, 1] and min(begin) >= 0 \
+                and any(s < k for s, k in zip(strides, kernel_)):
+            y = _phase_conv_transpose(x, w_mat, strides, kernel_, begin, out_spatial)
+            bb = b_const if b_const is not None else b
+            if bb is not None:
+                y += np.asarray(bb, dtype=dtype).reshape(_channel_shape(y))
+            return (y.astype(in_dtype, copy=False),)
         pixels = math.prod(spatial)
         kk = math.prod(kernel_)
         cols = scratch("conv_transpose.cols", n * c_out * kk * pixels, dtype)
@@ -197,6 +204,56 @@ def _conv_transpose(node: KernelNode):
             y += np.asarray(bb, dtype=dtype).reshape(_channel_shape(y))
         return (y.astype(in_dtype, copy=False),)
     return run
+
+
+def _phase_conv_transpose(x: np.ndarray, w_mat: np.ndarray, strides: Sequence[int],
+                          kernel_: Sequence[int], begin: Sequence[int],
+                          out_spatial: Sequence[int]) -> np.ndarray:
+    """2-D ConvTranspose, group 1, no dilation, overlapping taps (stride < kernel), pads >= 0.
+
+    Tap (u, v) of input pixel (h, w) lands on output (h * s + u - begin). Writing each tap into
+    the output is a strided update (every s-th element), slow in numpy. Instead:
+
+    - the GEMM runs on the input padded with zero columns to rows of Wm (each tap's products
+      then sit in one flat run per channel; the padding columns give zeros);
+    - taps are summed per output phase r = (u - begin) mod s into a low-resolution plane per
+      phase, where tap u lands at row h + (u - begin) // s: one contiguous flat add per tap
+      (a run wrapping past a row end adds the zeros of the padding columns);
+    - one strided copy per phase interleaves the planes: output y = m * s + r, offset by the
+      plane rows before output row 0.
+    """
+    n, c_in, h, w = x.shape
+    (s_h, s_w), (k_h, k_w), (b_h, b_w) = strides, kernel_, begin
+    lo_h, lo_w = -b_h // s_h, -b_w // s_w                       # lowest row offset (<= 0)
+    span_h = (k_h - 1 - b_h) // s_h - lo_h                     # row offsets 0..span
+    span_w = (k_w - 1 - b_w) // s_w - lo_w
+    blocks_h, blocks_w = -(-out_spatial[0] // s_h), -(-out_spatial[1] // s_w)
+    rows = max(h + span_h, -lo_h + blocks_h)
+    wm = max(w + span_w, -lo_w + blocks_w)                     # plane row = padded input row
+    x_pad = np.zeros((n, c_in, h, wm), dtype=w_mat.dtype)
+    x_pad[..., :w] = x
+    c_out = w_mat.shape[1] // (k_h * k_w)
+    run = h * wm
+    cols = scratch("conv_transpose.cols", n * w_mat.shape[1] * run, w_mat.dtype)
+    cols = cols.reshape(n, 1, w_mat.shape[1], run)
+    np.matmul(w_mat, x_pad.reshape(n, 1, c_in, run), out=cols)
+    cols = cols.reshape(n, c_out, k_h, k_w, run)
+    planes = np.zeros((s_h, s_w, n, c_out, rows * wm + span_w), dtype=w_mat.dtype)
+    for u in range(k_h):
+        r, a = (u - b_h) % s_h, (u - b_h) // s_h - lo_h
+        for v in range(k_w):
+            q, a2 = (v - b_w) % s_w, (v - b_w) // s_w - lo_w
+            at = a * wm + a2
+            planes[r, q, :, :, at:at + run] += cols[:, :, u, v]
+    y = np.empty((n, c_out, blocks_h, s_h, blocks_w, s_w), dtype=w_mat.dtype)
+    for r in range(s_h):
+        for q in range(s_w):
+            plane = planes[r, q, :, :, :rows * wm].reshape(n, c_out, rows, wm)
+            y[:, :, :, r, :, q] = plane[:, :, -lo_h:-lo_h + blocks_h, -lo_w:-lo_w + blocks_w]
+    y = y.reshape(n, c_out, blocks_h * s_h, blocks_w * s_w)
+    if y.shape[2:] != tuple(out_spatial):
+        y = np.ascontiguousarray(y[:, :, :out_spatial[0], :out_spatial[1]])
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
