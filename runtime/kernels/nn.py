@@ -1,7 +1,8 @@
 """Neural-network kernels: convolutions, pooling, normalizations, softmax, Gelu, resizing.
 
 Conv runs on the shared engine in conv.py (im2col + BLAS, GEMM-only 1x1, blocked depthwise,
-shifted GEMMs); ConvTranspose is one GEMM plus a strided scatter per kernel tap. Pooling reduces
+shifted GEMMs); ConvTranspose is one GEMM plus a strided scatter per kernel tap, or, for
+overlapping 2-D taps, per-phase sums on low-resolution planes and one interleave. Pooling reduces
 one spatial axis at a time (a loop over that axis's kernel taps, never over pixels) on strided
 views of the input. Resize precomputes, per resized axis, the source indices and weights of each
 output coordinate once per input shape and applies them with np.take (integer-factor nearest
