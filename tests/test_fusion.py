@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
 import graphopt
@@ -438,3 +439,123 @@ def test_batchnorm_in_an_if_branch_folds_with_the_outer_weights():
     assert if_op.attrs["then_branch"].op_type_counts() == {"Conv": 1}
     assert stats["batchnorms_folded"] == 1
     assert sorted(graph.values) == ["cond", "x", "y"]   # the outer weights went unused
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv of a nearest-upsampled map -> ConvTranspose (fusion_upsample)
+# ---------------------------------------------------------------------------------------------
+def resize(x: str, y: str, factors: tuple[int, int], coordinate: str = "asymmetric",
+           rounding: str = "floor") -> list:
+    scales = f"{y}_scales"
+    node = helper.make_node("Resize", [x, "", scales], [y], mode="nearest",
+                            coordinate_transformation_mode=coordinate, nearest_mode=rounding)
+    return [node, (scales, np.array([1, 1, *factors], np.float32))]
+
+
+def upsample_conv_model(factors=(2, 2), coordinate="asymmetric", rounding="floor", k=3,
+                        pads=(1, 1, 1, 1), c=3, size=(5, 6), opset=17):
+    node, scales = resize("x", "u", factors, coordinate, rounding)
+    conv = helper.make_node("Conv", ["u", "W", "B"], ["y"], pads=list(pads))
+    return make_model([node, conv], [("x", [1, c, *size])], [("y", None)],
+                      [scales, ("W", w(4, c, k, k)), ("B", w(4))], opset=opset)
+
+
+def check_in_graphopt_runtime(graph, model, feeds) -> None:
+    from graphopt.runtime import Session
+    got = Session(graph).run(feeds)
+    assert rel_l2(next(iter(got.values())), run_ort(model, feeds)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("factors,coordinate,rounding", [
+    ((2, 2), "asymmetric", "floor"),                  # PP-OCR det, Paddle and TF exports
+    ((4, 4), "half_pixel", "round_prefer_floor"),     # the Resize defaults
+    ((8, 8), "pytorch_half_pixel", "round_prefer_ceil"),
+    ((2, 3), "tf_half_pixel_for_nn", "floor"),
+    ((1, 2), "asymmetric", "round_prefer_floor"),
+])
+def test_conv_of_an_upsampled_map_becomes_a_conv_transpose(factors, coordinate, rounding):
+    model = upsample_conv_model(factors, coordinate, rounding)
+    feeds = random_feeds(model)
+    graph, stats = fuse(model, feeds)
+    assert op_types(graph) == ["ConvTranspose"] and stats["upsampled_convs_transposed"] == 1
+    (op,) = graph.ops.values()
+    assert op.attrs["strides"] == list(factors)
+    check_in_graphopt_runtime(graph, model, feeds)
+
+
+@pytest.mark.parametrize("coordinate,rounding", [
+    ("half_pixel", "floor"),          # y = 0 reads row -1, clamped: not a plain repetition
+    ("asymmetric", "ceil"),
+    ("align_corners", "round_prefer_floor"),
+])
+def test_upsamplings_that_do_not_repeat_each_row_s_times_stay(coordinate, rounding):
+    model = upsample_conv_model((2, 2), coordinate, rounding)
+    graph, stats = fuse(model)
+    assert op_types(graph) == ["Conv", "Resize"] and "upsampled_convs_transposed" not in stats
+
+
+@pytest.mark.parametrize("k,pads", [(5, (2, 1, 0, 3)), (2, (0, 0, 1, 1)), (1, (0, 0, 0, 0))])
+def test_upsample_conv_kernel_sizes_and_uneven_pads(k, pads):
+    model = upsample_conv_model((2, 2), k=k, pads=pads)
+    feeds = random_feeds(model)
+    graph, stats = fuse(model, feeds)
+    if k == 1:   # a 1x1 conv does as many multiply-adds either way: left alone
+        assert op_types(graph) == ["Conv", "Resize"]
+    else:
+        assert op_types(graph) == ["ConvTranspose"]
+        check_in_graphopt_runtime(graph, model, feeds)
+
+
+def test_upsample_opset9_and_resize_by_sizes():
+    up = helper.make_node("Upsample", ["x", "s"], ["u"], mode="nearest")
+    conv = helper.make_node("Conv", ["u", "W"], ["y"], pads=[1, 1, 1, 1])
+    model = make_model([up, conv], [("x", [1, 3, 4, 5])], [("y", None)],
+                       [("s", np.array([1, 1, 2, 2], np.float32)), ("W", w(2, 3, 3, 3))], opset=9)
+    graph, _ = fuse(model)
+    assert op_types(graph) == ["ConvTranspose"]
+    sized = helper.make_node("Resize", ["x", "", "", "sizes"], ["u"], mode="nearest",
+                             coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    model = make_model([sized, conv], [("x", [1, 3, 4, 5])], [("y", None)],
+                       [("sizes", np.array([1, 3, 12, 15], np.int64)), ("W", w(2, 3, 3, 3))])
+    graph, _ = fuse(model)
+    assert op_types(graph) == ["ConvTranspose"]
+    assert graph.ops[next(iter(graph.ops))].attrs["strides"] == [3, 3]
+
+
+def test_conv_of_a_concat_of_upsampled_maps_splits_into_summed_terms():
+    """An FPN head: Conv(Concat(p2, up2(p3), up4(p4))) -> BN -> Relu becomes
+    Conv(p2) + ConvT(p3) + ConvT(p4), the Adds and the Relu fused as epilogues."""
+    nodes, inits = [], []
+    for name, factor in (("p3", 2), ("p4", 4)):
+        node, scales = resize(name, f"{name}_up", (factor, factor))
+        nodes.append(node)
+        inits.append(scales)
+    nodes += [helper.make_node("Concat", ["p2", "p3_up", "p4_up"], ["cat"], axis=1),
+              helper.make_node("Conv", ["cat", "W"], ["c"], pads=[1, 1, 1, 1]),
+              bn_node("c", "n", "bn"), helper.make_node("Relu", ["n"], ["y"])]
+    model = make_model(nodes, [("p2", [1, 2, 8, 8]), ("p3", [1, 3, 4, 4]), ("p4", [1, 4, 2, 2])],
+                       [("y", None)], inits + [("W", w(5, 9, 3, 3))] + bn_params("bn", 5))
+    feeds = random_feeds(model)
+    graph, stats = fuse(model, feeds)
+    assert op_types(graph) == ["Add", "Add", "Conv", "ConvTranspose", "ConvTranspose", "Relu"]
+    assert stats["upsampled_convs_transposed"] == 2 and stats["concat_convs_split"] == 1
+    assert all(FUSE_META in op.meta for op in graph.ops.values()     # both Adds run in place
+               if op.op_type in ("Add", "Relu"))
+    check_in_graphopt_runtime(graph, model, feeds)
+
+
+def test_concat_read_elsewhere_or_without_upsampled_parts_stays():
+    node, scales = resize("b", "b_up", (2, 2))
+    base = [node, helper.make_node("Concat", ["a", "b_up"], ["cat"], axis=1),
+            helper.make_node("Conv", ["cat", "W"], ["y"], pads=[1, 1, 1, 1])]
+    inputs = [("a", [1, 2, 6, 6]), ("b", [1, 2, 3, 3])]
+    shared = make_model(base + [helper.make_node("Relu", ["cat"], ["z"])], inputs,
+                        [("y", None), ("z", None)], [scales, ("W", w(3, 4, 3, 3))])
+    graph, _ = fuse(shared)
+    assert "ConvTranspose" not in op_types(graph)
+    plain = make_model([helper.make_node("Concat", ["a", "b2"], ["cat"], axis=1),
+                        helper.make_node("Conv", ["cat", "W"], ["y"], pads=[1, 1, 1, 1])],
+                       [("a", [1, 2, 6, 6]), ("b2", [1, 2, 6, 6])], [("y", None)],
+                       [("W", w(3, 4, 3, 3))])
+    graph, _ = fuse(plain)
+    assert op_types(graph) == ["Concat", "Conv"]

@@ -150,17 +150,18 @@ def test_conv_transpose(attrs, xs, ws, weights):
     check("ConvTranspose", {"x": x, "w": w, "b": b}, attrs, consts=consts)
 
 
-def test_conv_transpose_overlapping_taps_run_by_phase(monkeypatch):
-    """The cases above with overlapping 2-D taps take the per-phase path (and still match)."""
+def test_conv_transpose_overlapping_taps_run_as_one_subpixel_gemm(monkeypatch):
+    """Overlapping 2-D taps take the sub-pixel path (and still match onnxruntime)."""
     from graphopt.runtime.kernels import nn
     calls = []
-    real = nn._phase_conv_transpose
-    monkeypatch.setattr(nn, "_phase_conv_transpose", lambda *a: calls.append(a[2]) or real(*a))
+    real = nn._SubPixel.__call__
+    monkeypatch.setattr(nn._SubPixel, "__call__",
+                        lambda self, *a: calls.append(self.window) or real(self, *a))
     rng = np.random.default_rng(RNG_SEED)
     x, w = _rand(rng, 1, 3, 3, 4), _rand(rng, 3, 2, 10, 10)
     check("ConvTranspose", {"x": x, "w": w}, {"strides": [8, 8], "pads": [1, 1, 1, 1]},
           consts=("w",))
-    assert calls and calls[0] == [8, 8]
+    assert calls == [(2, 2)]      # kernel 10 at stride 8: every phase within a 2x2 window
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +303,16 @@ def _resize_inputs(coord, scales):
 def test_resize_nearest(coord, nearest_mode, scales):
     attrs = {"mode": "nearest", "coordinate_transformation_mode": coord, "nearest_mode": nearest_mode}
     check("Resize", _resize_inputs(coord, scales), attrs, consts=("roi", "scales"), opset=19)
+
+
+@pytest.mark.parametrize("nearest_mode", NEAREST_MODES)
+@pytest.mark.parametrize("scales", SCALES)
+def test_resize_nearest_tf_half_pixel_for_nn_opset11(nearest_mode, scales):
+    attrs = {"mode": "nearest", "coordinate_transformation_mode": "tf_half_pixel_for_nn",
+             "nearest_mode": nearest_mode}
+    inputs = _resize_inputs("tf_half_pixel_for_nn", scales)
+    inputs["roi"] = np.zeros(0, np.float32)          # roi is a required input before opset 13
+    check("Resize", inputs, attrs, consts=("roi", "scales"), opset=11)
 
 
 @pytest.mark.parametrize("mode", ["linear", "cubic"])

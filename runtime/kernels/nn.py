@@ -2,9 +2,8 @@
 
 Conv runs on the shared engine in conv.py (im2col + BLAS, GEMM-only 1x1, blocked depthwise,
 shifted GEMMs); ConvTranspose is one GEMM plus a strided scatter per kernel tap, or, for
-overlapping 2-D taps, per-phase sums on low-resolution planes and one interleave. Pooling reduces
-one spatial axis at a time (a loop over that axis's kernel taps, never over pixels) on strided
-views of the input. Resize precomputes, per resized axis, the source indices and weights of each
+overlapping 2-D taps, one GEMM computing every output phase (sub-pixel form) and an interleave. Pooling reduces one spatial axis at a time (a loop over that
+axis's kernel taps, never over pixels) on strided views of the input. Resize precomputes, per resized axis, the source indices and weights of each
 output coordinate once per input shape and applies them with np.take (integer-factor nearest
 upsampling: strided copies).
 """
@@ -144,6 +143,7 @@ def _conv_transpose(node: KernelNode):
 
     w_mat_const = weight_matrix(w_const) if w_const is not None else None
     geoms: dict = {}
+    subpixels: dict = {}
 
     def run(x, w, b=None):
         in_dtype = x.dtype
@@ -160,7 +160,13 @@ def _conv_transpose(node: KernelNode):
         c_out = w.shape[1] * groups
         if d == 2 and groups == 1 and dilations == [1, 1] and min(begin) >= 0 \
                 and any(s < k for s, k in zip(strides, kernel_)):
-            y = _phase_conv_transpose(x, w_mat, strides, kernel_, begin, out_spatial)
+            sub_key = ("subpixel", tuple(strides), tuple(begin))
+            sub = subpixels.get(sub_key) if w_const is not None else None
+            if sub is None:
+                sub = _SubPixel(np.asarray(w, dtype=dtype), strides, begin)
+                if w_const is not None:
+                    subpixels[sub_key] = sub
+            y = sub(x, out_spatial)
             bb = b_const if b_const is not None else b
             if bb is not None:
                 y += np.asarray(bb, dtype=dtype).reshape(_channel_shape(y))
@@ -207,54 +213,87 @@ def _conv_transpose(node: KernelNode):
     return run
 
 
-def _phase_conv_transpose(x: np.ndarray, w_mat: np.ndarray, strides: Sequence[int],
-                          kernel_: Sequence[int], begin: Sequence[int],
-                          out_spatial: Sequence[int]) -> np.ndarray:
-    """2-D ConvTranspose, group 1, no dilation, overlapping taps (stride < kernel), pads >= 0.
+def _phase_offsets(k: int, s: int, begin: int) -> tuple[list[int], list[int], int]:
+    """Per kernel tap u along one axis: its output phase r = (u - begin) mod s and its block
+    offset a = (u - begin) // s - first(r), relative to the phase's first tap; and the window
+    (the most block offsets any phase spans). Also returns first(r) per phase."""
+    phases = [(u - begin) % s for u in range(k)]
+    blocks = [(u - begin) // s for u in range(k)]
+    first = [min((b for r, b in zip(phases, blocks) if r == p), default=0) for p in range(s)]
+    offsets = [b - first[r] for r, b in zip(phases, blocks)]
+    return offsets, first, max(offsets) + 1
 
-    Tap (u, v) of input pixel (h, w) lands on output (h * s + u - begin). Writing each tap into
-    the output is a strided update (every s-th element), slow in numpy. Instead:
 
-    - the GEMM runs on the input padded with zero columns to rows of Wm (each tap's products
-      then sit in one flat run per channel; the padding columns give zeros);
-    - taps are summed per output phase r = (u - begin) mod s into a low-resolution plane per
-      phase, where tap u lands at row h + (u - begin) // s: one contiguous flat add per tap
-      (a run wrapping past a row end adds the zeros of the padding columns);
-    - one strided copy per phase interleaves the planes: output y = m * s + r, offset by the
-      plane rows before output row 0.
+class _SubPixel:
+    """A 2-D ConvTranspose (group 1, no dilation, pads >= 0) as one GEMM that computes every
+    output phase at once (the "sub-pixel" form), then an interleave.
+
+    Tap u of input row h lands on output y = h * s + u - begin = Y * s + r: phase
+    r = (u - begin) mod s, block row Y = h + (u - begin) // s. So each phase is a convolution
+    of the input over a few block offsets: plane_r[Y] = sum_a W_(r, a) x[Y - first(r) - a]
+    with a counted from the phase's first tap. Stacking the window's shifted inputs (an im2col
+    of A^2 flat slices, A = 2 for a 3x3 conv upsampled 2x, 4x or 8x) gives one well-shaped GEMM
+    (s^2 C_out, A^2 C_in) @ (A^2 C_in, pixels), instead of a GEMM with K = C_in followed by a
+    strided scatter-add per tap. Its row t holds plane_r[t + first(r)] for every phase at once;
+    phases with fewer taps get zero weights (none at stride 2 and kernel 4; 2.6x the
+    multiply-adds at stride 8 and kernel 10, and still 3x faster than the scatter). One strided
+    copy per phase, each from its own row offset, interleaves the planes into the output.
     """
-    n, c_in, h, w = x.shape
-    (s_h, s_w), (k_h, k_w), (b_h, b_w) = strides, kernel_, begin
-    lo_h, lo_w = -b_h // s_h, -b_w // s_w                       # lowest row offset (<= 0)
-    span_h = (k_h - 1 - b_h) // s_h - lo_h                     # row offsets 0..span
-    span_w = (k_w - 1 - b_w) // s_w - lo_w
-    blocks_h, blocks_w = -(-out_spatial[0] // s_h), -(-out_spatial[1] // s_w)
-    rows = max(h + span_h, -lo_h + blocks_h)
-    wm = max(w + span_w, -lo_w + blocks_w)                     # plane row = padded input row
-    x_pad = np.zeros((n, c_in, h, wm), dtype=w_mat.dtype)
-    x_pad[..., :w] = x
-    c_out = w_mat.shape[1] // (k_h * k_w)
-    run = h * wm
-    cols = scratch("conv_transpose.cols", n * w_mat.shape[1] * run, w_mat.dtype)
-    cols = cols.reshape(n, 1, w_mat.shape[1], run)
-    np.matmul(w_mat, x_pad.reshape(n, 1, c_in, run), out=cols)
-    cols = cols.reshape(n, c_out, k_h, k_w, run)
-    planes = np.zeros((s_h, s_w, n, c_out, rows * wm + span_w), dtype=w_mat.dtype)
-    for u in range(k_h):
-        r, a = (u - b_h) % s_h, (u - b_h) // s_h - lo_h
-        for v in range(k_w):
-            q, a2 = (v - b_w) % s_w, (v - b_w) // s_w - lo_w
-            at = a * wm + a2
-            planes[r, q, :, :, at:at + run] += cols[:, :, u, v]
-    y = np.empty((n, c_out, blocks_h, s_h, blocks_w, s_w), dtype=w_mat.dtype)
-    for r in range(s_h):
-        for q in range(s_w):
-            plane = planes[r, q, :, :, :rows * wm].reshape(n, c_out, rows, wm)
-            y[:, :, :, r, :, q] = plane[:, :, -lo_h:-lo_h + blocks_h, -lo_w:-lo_w + blocks_w]
-    y = y.reshape(n, c_out, blocks_h * s_h, blocks_w * s_w)
-    if y.shape[2:] != tuple(out_spatial):
-        y = np.ascontiguousarray(y[:, :, :out_spatial[0], :out_spatial[1]])
-    return y
+
+    def __init__(self, w: np.ndarray, strides: Sequence[int], begin: Sequence[int]) -> None:
+        c_in, c_out, k_h, k_w = w.shape
+        s_h, s_w = strides
+        self.strides, self.c_out = (s_h, s_w), c_out
+        rows, self.first_h, a_h = _phase_offsets(k_h, s_h, begin[0])
+        cols, self.first_w, a_w = _phase_offsets(k_w, s_w, begin[1])
+        self.window = (a_h, a_w)
+        sub = np.zeros((s_h, s_w, c_out, a_h, a_w, c_in), dtype=w.dtype)
+        for u in range(k_h):
+            r = (u - begin[0]) % s_h
+            for v in range(k_w):
+                sub[r, (v - begin[1]) % s_w, :, rows[u], cols[v], :] = w[:, :, u, v].T
+        self.weights = sub.reshape(s_h * s_w * c_out, a_h * a_w * c_in)
+
+    def __call__(self, x: np.ndarray, out_spatial: Sequence[int]) -> np.ndarray:
+        n, c_in, h, w = x.shape
+        (s_h, s_w), (a_h, a_w), c_out = self.strides, self.window, self.c_out
+        blocks_h, blocks_w = -(-out_spatial[0] // s_h), -(-out_spatial[1] // s_w)
+        # GEMM rows t (from t0) cover t = Y - first(r) for every phase r and block row Y.
+        t0_h, t0_w = -max(self.first_h), -max(self.first_w)
+        rows_t = blocks_h - 1 - min(self.first_h) - t0_h + 1
+        cols_t = blocks_w - 1 - min(self.first_w) - t0_w + 1
+        # Padded input: row j holds x row j + t0 - (A - 1) (zeros outside x).
+        off_h, off_w = t0_h - (a_h - 1), t0_w - (a_w - 1)
+        width = cols_t + a_w - 1
+        height = rows_t + a_h                                   # + 1 row: slack for the runs
+        run = rows_t * width
+        dtype = self.weights.dtype
+        padded = np.zeros((c_in, height, width), dtype=dtype)
+        flat = padded.reshape(c_in, height * width)
+        j0, j1 = max(0, -off_h), min(height, h - off_h)
+        i0, i1 = max(0, -off_w), min(width, w - off_w)
+        stack = scratch("conv_transpose.subpixel", a_h * a_w * c_in * run, dtype)
+        stack = stack.reshape(a_h, a_w, c_in, run)
+        planes = np.empty((s_h, s_w, c_out, rows_t, width), dtype=dtype)
+        y = np.empty((n, c_out, blocks_h, s_h, blocks_w, s_w), dtype=dtype)
+        for b in range(n):
+            if j1 > j0 and i1 > i0:
+                padded[:, j0:j1, i0:i1] = x[b, :, j0 + off_h:j1 + off_h, i0 + off_w:i1 + off_w]
+            for a in range(a_h):
+                for a2 in range(a_w):       # GEMM row t reads x[t + t0 - a] (and columns alike)
+                    base = (a_h - 1 - a) * width + a_w - 1 - a2
+                    stack[a, a2] = flat[:, base:base + run]
+            np.matmul(self.weights, stack.reshape(-1, run),
+                      out=planes.reshape(s_h * s_w * c_out, run))
+            for r in range(s_h):
+                t_r = -self.first_h[r] - t0_h          # plane_r[Y] = G_r[Y - first(r)]
+                for q in range(s_w):
+                    t_q = -self.first_w[q] - t0_w
+                    y[b, :, :, r, :, q] = planes[r, q, :, t_r:t_r + blocks_h, t_q:t_q + blocks_w]
+        y = y.reshape(n, c_out, blocks_h * s_h, blocks_w * s_w)
+        if y.shape[2:] != tuple(out_spatial):
+            y = np.ascontiguousarray(y[:, :, :out_spatial[0], :out_spatial[1]])
+        return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,6 +794,8 @@ def _source_coords(mode: str, out_len: int, in_len: int, scale: float, roi, prec
         return np.full(out_len, f32(-0.5)) if out_len == 1 else (y + f32(0.5)) / scale - f32(0.5)
     if mode == "half_pixel":
         return (y + f32(0.5)) / scale - f32(0.5)
+    if mode == "tf_half_pixel_for_nn":         # opset 11-12 only
+        return (y + f32(0.5)) / scale
     if mode == "half_pixel_symmetric":
         adjustment = f32(out_len) / (scale * f32(in_len))
         offset = f32(in_len) / f32(2) * (f32(1) - adjustment)

@@ -483,6 +483,47 @@ def _batchnorm(g: GraphGen, x: Tensor) -> Tensor:
                  epsilon=float(g.choice([1e-5, 1e-3])))
 
 
+#: Nearest Resize modes: the first four repeat each row s times (fuse_upsample_conv rewrites
+#: the Conv after them), the others do not and must be left alone.
+NEAREST_MODES = [("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"),
+                 ("pytorch_half_pixel", "round_prefer_ceil"), ("tf_half_pixel_for_nn", "floor"),
+                 ("half_pixel", "floor"), ("asymmetric", "ceil"), ("align_corners", "floor")]
+
+
+def _nearest_upsample(g: GraphGen, x: Tensor) -> Tensor | None:
+    n, c, h, w = x.shape
+    factors = [int(g.choice([1, 2, 2, 3])), int(g.choice([2, 2, 3]))]
+    shape = (n, c, h * factors[0], w * factors[1])
+    if int(np.prod(shape)) > MAX_ELEMENTS // 2:
+        return None
+    coordinate, rounding = NEAREST_MODES[int(g.rng.integers(len(NEAREST_MODES)))]
+    roi = "" if g.opset >= 13 else g.const(np.zeros(0, np.float32), "roi")
+    scales = g.const(np.array([1, 1, *factors], np.float32), "scales")
+    return g.one("Resize", [x.name, roi, scales], shape, mode="nearest",
+                 coordinate_transformation_mode=coordinate, nearest_mode=rounding)
+
+
+@motif("upsample_conv", 1.0)
+def _upsample_conv(g: GraphGen) -> bool:
+    """An FPN head: nearest Resize -> [Concat with a map of the upsampled size] -> Conv
+    (-> BN -> Relu)."""
+    x = g.pick(lambda t: _image(t) and t.shape[2] * t.shape[3] <= 16)
+    if x is None:
+        return False
+    up = _nearest_upsample(g, x)
+    if up is None:
+        return False
+    if g.rng.random() < 0.5:
+        other = g.add_input((up.shape[0], int(g.rng.integers(1, 4)), *up.shape[2:]))
+        parts = [other, up] if g.rng.random() < 0.5 else [up, other]
+        up = g.one("Concat", [p.name for p in parts],
+                   (up.shape[0], sum(p.shape[1] for p in parts), *up.shape[2:]), axis=1)
+    y = _make_conv(g, up, kernel=int(g.choice([3, 3, 2, 5])), same=True, group=1)
+    if g.rng.random() < 0.5:
+        g.one("Relu", [_batchnorm(g, y).name], y.shape)
+    return True
+
+
 @motif("batchnorm", 1.0)
 def _batchnorm_motif(g: GraphGen) -> bool:
     x = g.pick(lambda t: 2 <= t.rank <= 4)
@@ -720,7 +761,9 @@ def _channel_shuffle(g: GraphGen) -> bool:
     r = g.reshape(x, target, (n, groups, c // groups, h, w))
     t = g.transpose(r, [0, 2, 1, 3, 4])
     back = [n, c, h, w] if g.rng.random() < 0.6 else [n, -1, h, w]
-    g.reshape(t, back, (n, c, h, w))
+    shuffled = g.reshape(t, back, (n, c, h, w))
+    if g.rng.random() < 0.4:      # a dense conv reading the shuffle: channel_shuffle absorbs it
+        _make_conv(g, shuffled, group=1)
     return True
 
 
