@@ -59,19 +59,21 @@ def o2_pipeline() -> list[PipelineItem]:
 
 def o3_pipeline() -> list[PipelineItem]:
     """O2, then quantization, the outlier split and kernel choice (once each: they are driven by
-    calibration, not by patterns), then cleanup. Constant folding does not run after
-    quantization: it would fold DequantizeLinear of the int8 weights back into floats.
+    calibration, not by patterns), then cleanup (with the exact removal of Relus that their
+    QuantizeLinear makes redundant). Constant folding does not run after quantization: it would
+    fold DequantizeLinear of the int8 weights back into floats.
     Epilogue marking runs again because the output Q/DQ pairs moved group boundaries."""
     from graphopt.passes.fusion_epilogue import FuseEpilogues
     from graphopt.passes.kernel_select import KernelSelect
     from graphopt.passes.outliers import OutlierSplit
+    from graphopt.passes.qdq_cleanup import DropReluBeforeQuantize
     from graphopt.passes.quantize import Quantize
     return [
         *o2_pipeline(),
         Quantize(),
         OutlierSplit(),
         KernelSelect(),
-        Fixpoint("cleanup", _cleanup_passes() + [FuseEpilogues()]),
+        Fixpoint("cleanup", [DropReluBeforeQuantize()] + _cleanup_passes() + [FuseEpilogues()]),
     ]
 
 

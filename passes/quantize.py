@@ -48,15 +48,21 @@ graphopt runtime executes the same file with the kernels the node metadata names
    acc32 where saturation would cost accuracy. Graph: `Y = Op(DQ(x), DQ(W_small), DQ(bias)) +
    Op(DQ(x), DQ(W_outlier))` (an Add before the output Q); the main op has
    `graphopt.kernel=int8_acc16`, the outlier op `graphopt.kernel=int8_acc32` and
-   `graphopt.outlier_of=<main op name>`, and W_outlier is stored as an ONNX sparse_initializer
-   (the IR keeps `Value.sparse_proto`; onnxruntime densifies it at load) - the graphopt runtime
-   runs it as a sparse int8 product with 32-bit accumulation.
+   `graphopt.outlier_of=<main op name>`, and W_outlier is stored sparse, as the sparse_value of
+   a Constant node (the IR keeps `Value.sparse_proto`; onnxruntime densifies it at load) - the
+   graphopt runtime runs it as a sparse int8 product with 32-bit accumulation.
 8. Kernel choice knows the machine (graphopt/machine.py: `detect_machine()`,
    `modeled_machine(target, host)`, INT8_THROUGHPUT per ISA): on pre-VNNI targets (avx2,
    avx512) acc16 for high op intensity (compute-bound) GEMMs where the roofline predicts it
    pays after the outlier part's cost, acc32 for low intensity (memory-bound: FCs,
    embeddings-like); on avx512-vnni and amx acc32 everywhere (as fast as acc16, and exact).
    `--target auto|avx2|avx512|avx512-vnni|amx` on `graphopt optimize` selects the modeled CPU.
+9. Residual Adds: an Add (opset domain, two inputs) both of whose inputs have a Q/DQ pair
+   (the output of a quantized group, or a tensor quantized for another reader) reads the
+   dequantized versions, when its own result, directly or through one Relu, is quantized as
+   well. onnxruntime then runs DQ, DQ -> Add -> Q as one QLinearAdd (a Relu before a Q whose
+   zero point is 0 is exact to drop: passes/qdq_cleanup.py). The shortcut then carries its
+   rounding error, which the error budget measures like any other.
 
 ## How this pass decides
 
@@ -430,6 +436,7 @@ def apply_plan(graph: Graph, candidates: Sequence[Candidate], plan: Plan,
             op.meta[META_REASON] = plan.reasons[c.op_name]
         if c.op_name in plan.sensitivity:
             op.meta[META_SENSITIVITY] = f"{plan.sensitivity[c.op_name]:.2e}"
+    counts["residual_adds_quantized"] = editor.residual_adds()
     counts["qdq_pairs"] = editor.pairs_added
     return counts
 
@@ -494,7 +501,37 @@ class _Editor:
         producer = self.graph.producer_op(name)
         return producer is not None and producer.op_type == "DequantizeLinear"
 
+    def dequantized(self, name: str) -> str | None:
+        """The dequantized version of `name` if the plan made one (or it is one), else None."""
+        if self._already_dequantized(name):
+            return name
+        return self.pairs.get(name)
+
     # -- the rewrites ----------------------------------------------------------------------------
+    def residual_adds(self) -> int:
+        """Contract item 9: an Add whose two inputs both have dequantized versions reads those,
+        when its result (directly or through a Relu) is quantized too."""
+        g = self.graph
+        done = 0
+        for op in list(g.ops.values()):
+            if op.op_type != "Add" or op.domain not in ("", "ai.onnx") or op.graph is not g \
+                    or len(op.inputs) != 2 or op.inputs[0] == op.inputs[1]:
+                continue
+            sources = [self.dequantized(name) for name in op.inputs]
+            if any(s is None for s in sources) or sources == list(op.inputs):
+                continue
+            out = op.outputs[0]
+            readers = [r for r, _ in g.consumers(out, implicit=True)]
+            if len(readers) == 1 and readers[0].op_type == "Relu":
+                out = readers[0].outputs[0]
+            if self.dequantized(out) is None:
+                continue
+            for slot, source in enumerate(sources):
+                if source != op.inputs[slot]:
+                    g.set_input(op, slot, source)
+            done += 1
+        return done
+
     def int8(self, op: Op, c: Candidate, w_q: np.ndarray, w_scale: np.ndarray) -> None:
         g = self.graph
         x_dq = self.input_pair(c.x)

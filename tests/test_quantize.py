@@ -230,7 +230,9 @@ def test_outlier_split_is_exact(float_model, avx2):
     assert len(outlier.inputs) == 2 and outlier.inputs[0] == main.inputs[0]  # no bias, same DQ(x)
     add = split.consumers(main.outputs[0])[0][0]
     assert add.op_type == "Add" and set(add.inputs) == {main.outputs[0], outlier.outputs[0]}
-    assert [op.op_type for op, _ in split.consumers(add.outputs[0])] == ["Relu"]
+    # the Relu after the sum went: exact before the output Q, whose zero point is 0
+    (q, _), = split.consumers(add.outputs[0])
+    assert q.op_type == "QuantizeLinear" and split.values[q.inputs[2]].const == 0
 
     # W_small + W_outlier == W_q, with the same scales
     w_of = lambda g, op: g.values[g.producer_op(op.inputs[1]).inputs[0]]
@@ -500,3 +502,105 @@ def test_synthetic_calibration_needs_shapes_for_symbolic_dims():
                                             "shapes": {"x": (2, 3, 16, 16)}})
     assert report.quantization["ops_int8"] == 3
     assert report.calibration["source"] == "synthetic"
+
+
+# ---------------------------------------------------------------------------------------------
+# residual Adds (contract item 9) and Relus made redundant by their Q (passes/qdq_cleanup.py)
+# ---------------------------------------------------------------------------------------------
+def residual_net(seed: int = 0, channels: int = 16) -> onnx.ModelProto:
+    """x -> conv0 -> Relu -> two ResNet basic blocks -> conv: [conv -> Relu -> conv] + shortcut
+    -> Relu. The second block's shortcut is the first block's output: a float Relu after an
+    Add, which O3 quantizes only because the next conv reads it."""
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+    arrays = {"w0": w(channels, 3, 3, 3), "w5": w(8, channels, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0")]
+    block_in = "r0"
+    for b in ("a", "b"):
+        arrays[f"w{b}1"], arrays[f"w{b}2"] = w(channels, channels, 3, 3), w(channels, channels, 3, 3)
+        nodes += [
+            helper.make_node("Conv", [block_in, f"w{b}1"], [f"{b}1"], pads=[1, 1, 1, 1], name=f"conv{b}1"),
+            helper.make_node("Relu", [f"{b}1"], [f"{b}1r"], name=f"relu{b}1"),
+            helper.make_node("Conv", [f"{b}1r", f"w{b}2"], [f"{b}2"], pads=[1, 1, 1, 1], name=f"conv{b}2"),
+            helper.make_node("Add", [f"{b}2", block_in], [f"{b}s"], name=f"residual_{b}"),
+            helper.make_node("Relu", [f"{b}s"], [f"{b}out"], name=f"relu_{b}")]
+        block_in = f"{b}out"
+    nodes.append(helper.make_node("Conv", [block_in, "w5"], ["y"], name="conv5"))
+    graph = helper.make_graph(
+        nodes, "residual_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def ort_fused_op_types(model: onnx.ModelProto, path) -> list[str]:
+    """The op types of onnxruntime's own optimized graph of `model` (what it will run)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_residual_add_reads_dequantized_inputs_and_runs_as_qlinearadd(tmp_path):
+    model = residual_net()
+    calibration = [{"x": images(s)["x"][:, :, :12, :12]} for s in (200, 201)]
+    graph = graphopt.load(model)
+    report = optimize(graph, "O3", options={"calibration": calibration, "machine": machine("avx2"),
+                                            "quant_error_budget": 0.05})
+    stats = report.stats_by_pass()
+    # block b's shortcut (relu_a's float output) now reads its DQ; block a's already did
+    assert stats["quantize"]["stats"]["residual_adds_quantized"] == 1
+    assert stats["drop_relu_before_quantize"]["stats"]["relus_dropped"] >= 2   # relu_a, relu_b
+    for add in (op for op in graph.ops.values() if op.op_type == "Add"):
+        assert all(graph.producer_op(name).op_type == "DequantizeLinear" for name in add.inputs)
+        (reader, _), = graph.consumers(add.outputs[0])
+        assert reader.op_type == "QuantizeLinear"          # its Relu dropped: zero point 0
+    out = graphopt.to_model(graph)
+    onnx.checker.check_model(out, full_check=True)
+    assert ort_fused_op_types(out, tmp_path / "ort.onnx").count("QLinearAdd") == 2
+
+    feeds = {"x": images(7)["x"][:, :, :12, :12]}
+    reference = run_ort(model, feeds)[0]
+    assert rel_l2(run_ort(out, feeds, optimized=False)[0], reference) <= 0.05 * 3
+    # the runtime runs the same QDQ math: its output matches onnxruntime's unfused run
+    ours = Session(graph).run(feeds)["y"]
+    assert rel_l2(ours, run_ort(out, feeds, optimized=False)[0]) <= 1e-5
+
+
+def test_relu_before_quantize_dropped_only_when_exact():
+    from graphopt.passes.qdq_cleanup import DropReluBeforeQuantize
+    from graphopt.pass_manager import PassContext
+
+    def net(zero_point, dtype, extra_reader: bool):
+        nodes = [helper.make_node("Relu", ["x"], ["r"]),
+                 helper.make_node("QuantizeLinear", ["r", "s", "zp"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 50])]
+        if extra_reader:
+            nodes.append(helper.make_node("Neg", ["r"], ["z"]))
+            outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 50]))
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 50])], outputs,
+            [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(zero_point, dtype), "zp")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    feeds = {"x": (np.random.default_rng(3).standard_normal((2, 50)) * 4).astype(np.float32)}
+    for zero_point, dtype, extra, dropped in [(0, np.uint8, False, True),
+                                              (-128, np.int8, False, True),
+                                              (3, np.uint8, False, False),
+                                              (0, np.int8, False, False),
+                                              (0, np.uint8, True, False)]:
+        model = net(zero_point, dtype, extra)
+        graph = graphopt.load(model)
+        result = DropReluBeforeQuantize().run(graph, PassContext())
+        assert (graph.count_ops("Relu") == 0) == dropped, (zero_point, dtype, extra)
+        assert result.stats.get("relus_dropped", 0) == int(dropped)
+        after = run_ort(graphopt.to_model(graph), feeds, optimized=False)
+        for a, b in zip(after, run_ort(model, feeds, optimized=False)):
+            np.testing.assert_array_equal(a, b)                 # bit-exact, or untouched
