@@ -74,10 +74,11 @@ graphopt runtime executes the same file with the kernels the node metadata names
    (passes/qparams.py: L2-optimal range by default, net-aware bounds, shared scales across
    Concat/MaxPool/Reshape/...).
 3. Sensitivity: each candidate is quantized alone (weights, input, output, bias as in the
-   contract) and the model runs on the first calibration batch; its sensitivity is the relative
-   L2 error of the model outputs against float (||y - y_float|| / ||y_float||, the worst
-   output). It only ranks the ops, so one batch serves; the model errors that decide (step 4)
-   are measured on the evaluation batches (the first calibration batches, up to 16 samples).
+   contract) and the model runs on the first RANKING_SAMPLES (4) calibration samples; its
+   sensitivity is the relative L2 error of the model outputs against float (||y - y_float|| /
+   ||y_float||, the worst output). It only ranks the ops, so a few samples serve; the model
+   errors that decide (step 4) are measured on the evaluation batches (the first calibration
+   batches, up to 16 samples).
 4. Selection: all candidates in int8; while the model error exceeds `quant_error_budget`, the
    most sensitive remaining op goes back to float: fp16 weights (the error fp16 adds is three to
    four orders below int8's) where they fit float16, else fp32. One op at a time for the first
@@ -140,6 +141,9 @@ MAX_OUTLIER_FRACTION = 0.05
 EMBEDDING_MIN_BYTES = 64 << 10
 #: The evaluation set: the first calibration batches up to this many samples (at most 4 batches).
 EVAL_SAMPLES = 16
+#: Samples the sensitivity ranking runs on: it only orders the ops (the budget decisions run on
+#: the evaluation set), and it costs one model run per candidate.
+RANKING_SAMPLES = 4
 EVAL_MAX_BATCHES = 4
 #: Opset from which DequantizeLinear takes `axis` (per-channel weights).
 MIN_OPSET = 13
@@ -898,7 +902,7 @@ class Quantize(QuantizationPass):
                      and float(np.abs(graph.values[c.weight].const).max(initial=0.0)) <= _FP16_MAX}
         fp16_ok = lambda c: c.op_name in fits_fp16
         chooser = select_lazily if ctx.option("quant_sensitivity", "auto") == "auto" else select
-        ranking = evaluator.on(data.batches[:1], run.outputs[:1]) if eval_count > 1 else evaluator
+        ranking = _ranking_evaluator(graph, evaluator, data, run.outputs, eval_count)
         selection = chooser(candidates, evaluator.error, budget, fp16_ok=fp16_ok,
                             sensitivity_of=ranking.error)
 
@@ -932,6 +936,24 @@ def _narrow_weights(ctx: PassContext) -> bool:
     ISA without VNNI (vpmaddubsw saturates a1*w1 + a2*w2 at int16)."""
     from graphopt.passes.kernel_select import VNNI_ISAS, resolve_machine
     return resolve_machine(ctx).isa not in VNNI_ISAS
+
+
+def _ranking_evaluator(graph: Graph, evaluator: Evaluator, data: CalibrationData,
+                       reference: Sequence[Sequence[np.ndarray]], eval_count: int) -> Evaluator:
+    """The evaluator the sensitivity ranking uses: the first RANKING_SAMPLES samples of the first
+    batch (with their float outputs), or the first batch when it cannot be cut (a fixed batch
+    dimension), or the evaluation set itself when that is one batch no larger."""
+    from graphopt.runtime import Session
+
+    first = data.batches[0]
+    if _first_dim(first) > RANKING_SAMPLES:
+        cut = {name: array[:RANKING_SAMPLES] for name, array in first.items()}
+        try:
+            outputs = Session(graph, concat_views=False).run(cut)
+            return evaluator.on([cut], [[np.asarray(outputs[n]) for n in graph.outputs]])
+        except Exception:   # noqa: BLE001 - the model wants its full batch: rank on that
+            pass
+    return evaluator.on(data.batches[:1], reference[:1]) if eval_count > 1 else evaluator
 
 
 def _eval_batches(data: CalibrationData) -> int:
