@@ -604,3 +604,19 @@ def test_relu_before_quantize_dropped_only_when_exact():
         after = run_ort(graphopt.to_model(graph), feeds, optimized=False)
         for a, b in zip(after, run_ort(model, feeds, optimized=False)):
             np.testing.assert_array_equal(a, b)                 # bit-exact, or untouched
+
+
+def test_sensitivity_ranks_on_a_few_samples_and_the_budget_on_all(monkeypatch):
+    from graphopt.passes import quantize as quantize_module
+    seen = []
+    real_on = quantize_module.Evaluator.on
+    monkeypatch.setattr(quantize_module.Evaluator, "on", lambda self, batches, reference: (
+        seen.append([len(b["x"]) for b in batches]) or real_on(self, batches, reference)))
+    graph = graphopt.load(conv_net())
+    report = optimize(graph, "O3", options={"calibration": [images(100, batch=8)],
+                                            "machine": machine("avx2"),
+                                            "quant_sensitivity": "always"})
+    assert seen == [[quantize_module.RANKING_SAMPLES]]
+    stats = report.stats_by_pass()["quantize"]["stats"]
+    assert stats["evaluations"] > 3          # the ranking ran: one evaluation per candidate, plus
+    assert report.quantization["eval_samples"] == 8      # decisions on every sample
