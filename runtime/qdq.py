@@ -16,7 +16,7 @@ quantized domain, and the requantization to y_q. The float tensors in between ne
 The outlier split (contract item 7) is part of the pattern: `Add(main op, outlier op)` before
 the activations, where the outlier op has meta `graphopt.outlier_of=<main op name>`, the same
 attributes, the same quantized input and weights with the same per-channel scales (typically a
-sparse initializer); its int32 product is added to the main op's accumulator.
+sparse constant); its int32 product is added to the main op's accumulator.
 
 `find_groups` only recognizes what is exact and safe to fuse:
 - every parameter (scales, zero points, weights, bias) is a constant; activations and outputs

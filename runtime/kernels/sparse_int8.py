@@ -1,9 +1,10 @@
 """Sparse int8 weights with 32-bit accumulation: the outlier part of an outlier-aware split.
 
 The quantization passes split an acc16 layer's weights W = W_small + W_outlier (contract item
-7): W_small fits 16-bit accumulation, W_outlier holds the few large weights and is stored as an
-ONNX sparse initializer. Its product is a gather: for every nonzero w (output o, reduction index
-k), w * (x[k] - x_zp) is added into output o, in int32 (exact, as acc32 kernels are).
+7): W_small fits 16-bit accumulation, W_outlier holds the few large weights and is stored
+sparse (a Constant node's sparse_value, or a sparse initializer in files from elsewhere). Its
+product is a gather: for every nonzero w (output o, reduction index k), w * (x[k] - x_zp) is
+added into output o, in int32 (exact, as acc32 kernels are).
 
 Vectorized over the nonzeros, never a Python loop over them: the nonzeros are sorted by output
 channel; a chunk of them gathers its activation rows in one fancy-indexing copy (matmul: columns
