@@ -33,13 +33,12 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt import models  # noqa: E402
 from graphopt.execution import onnxruntime_session  # noqa: E402
-from quantization_accuracy import SIZES, case_for, stacked, worst_rel_l2  # noqa: E402
+from quantization_accuracy import SIZES, case_for, worst_rel_l2  # noqa: E402
 
 DEFAULT_MODELS = "digits-mlp,ppocr-cls,resnext,shufflenet"
 #: Model sizes: resnext at its default size (quantization_accuracy.py uses "small" to keep its
@@ -101,10 +100,9 @@ def measure(name: str, runs: int) -> dict:
     start = time.perf_counter()
     graphopt.optimize(graph, "O3", options={"calibration": case.calibration})
     ours_seconds = time.perf_counter() - start
-    sessions = {"fp32": onnxruntime_session(graphopt.load(model)),
-                "onnxruntime int8": onnxruntime_session(graphopt.load(theirs)),
-                "O2 + ort int8": onnxruntime_session(graphopt.load(theirs_on_o2)),
-                "graphopt O3": onnxruntime_session(graph)}
+    protos = {"fp32": model, "onnxruntime int8": theirs, "O2 + ort int8": theirs_on_o2,
+              "graphopt O3": graphopt.to_model(graph)}
+    sessions = {key: onnxruntime_session(graphopt.load(proto)) for key, proto in protos.items()}
     results = {key: outputs(s, case.eval_batches) for key, s in sessions.items()}
     feeds = case.eval_batches[0]
     for s in sessions.values():
@@ -121,8 +119,7 @@ def measure(name: str, runs: int) -> dict:
                                                     "graphopt O3": ours_seconds}}
     for key in sessions:
         ms = statistics.median(times[key]) * 1e3
-        label, before, after = case.metric(results["fp32"], results[key], None) \
-            if key != "fp32" else case.metric(results["fp32"], results["fp32"], None)
+        label, before, after = case.metric(results["fp32"], results[key], protos[key])
         row[key] = {"ms": ms, "speedup": fp32_ms / ms,
                     "rel_l2": worst_rel_l2(results[key], results["fp32"]),
                     "metric": label, "value": after if key != "fp32" else (before or after)}
