@@ -514,7 +514,11 @@ def _upsample_conv(g: GraphGen) -> bool:
     if up is None:
         return False
     if g.rng.random() < 0.5:
-        other = g.add_input((up.shape[0], int(g.rng.integers(1, 4)), *up.shape[2:]))
+        shape = (up.shape[0], int(g.rng.integers(1, 4)), *up.shape[2:])
+        if g.parent is None:            # an If branch cannot take graph inputs: a constant there
+            other = g.add_input(shape)
+        else:
+            other = Tensor(g.const(g.rng.standard_normal(shape).astype(np.float32), "piece"), shape)
         parts = [other, up] if g.rng.random() < 0.5 else [up, other]
         up = g.one("Concat", [p.name for p in parts],
                    (up.shape[0], sum(p.shape[1] for p in parts), *up.shape[2:]), axis=1)
