@@ -232,11 +232,7 @@ def _load_graph(gproto: onnx.GraphProto, parent: Graph | None, base_dir: str | N
             value.dtype, value.shape = declared
             value._declared = declared
     for sparse in gproto.sparse_initializer:
-        name = sparse.values.name
-        value = declare(name)
-        value.sparse_proto = sparse
-        value.dtype = sparse.values.data_type
-        value.shape = tuple(int(d) for d in sparse.dims)
+        _attach_sparse(declare(sparse.values.name), sparse)
     producers: dict[str, str] = {}
     for node in gproto.node:
         for out in node.output:
@@ -259,10 +255,7 @@ def _load_graph(gproto: onnx.GraphProto, parent: Graph | None, base_dir: str | N
     for node in gproto.node:
         sparse = _sparse_constant(node)
         if sparse is not None:      # kept as sparse data, written back as this Constant node
-            value = graph.values[node.output[0]]
-            value.sparse_proto, value.sparse_node = sparse, node
-            value.dtype = sparse.values.data_type
-            value.shape = tuple(int(d) for d in sparse.dims)
+            _attach_sparse(graph.values[node.output[0]], sparse, node)
             continue
         _load_node(graph, node, base_dir)
     for vi in gproto.output:
@@ -278,6 +271,14 @@ def _load_graph(gproto: onnx.GraphProto, parent: Graph | None, base_dir: str | N
             value.value_info_proto = vi
         graph.outputs.append(vi.name)
     return graph
+
+
+def _attach_sparse(value: Value, sparse: onnx.SparseTensorProto,
+                   node: onnx.NodeProto | None = None) -> None:
+    """Make `value` the sparse constant `sparse`, stored as a sparse_initializer, or in `node`."""
+    value.sparse_proto, value.sparse_node = sparse, node
+    value.dtype = sparse.values.data_type
+    value.shape = tuple(int(d) for d in sparse.dims)
 
 
 def _sparse_constant(node: onnx.NodeProto) -> onnx.SparseTensorProto | None:

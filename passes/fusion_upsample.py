@@ -34,6 +34,7 @@ from graphopt.ir import Graph, Op
 from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_common import (Shapes, constant, is_float_array, is_onnx, new_const,
                                            replace_ops, sole_reader)
+from graphopt.runtime.kernels.gemm import conv_pads
 
 #: Index offset g(r) of output phase r (0 <= r < s) from Y = y // s, per coordinate mode: the
 #: source index of output y = s * Y + r is Y + round(g(r)).
@@ -124,6 +125,8 @@ class ConvGeometry:
 
 
 def as_plain_conv(graph: Graph, op: Op) -> ConvGeometry | None:
+    """`op` as a 2-D Conv the rewrite handles (stride 1, no dilation, group 1, constant float
+    weights, pads at most k - 1 so the ConvTranspose's pads stay >= 0), else None."""
     if not is_onnx(op, "Conv") or len(op.outputs) != 1 or len(op.inputs) < 2:
         return None
     weight = constant(graph, op.inputs[1])
@@ -137,19 +140,16 @@ def as_plain_conv(graph: Graph, op: Op) -> ConvGeometry | None:
             or list(op.attrs.get("dilations", [1, 1])) != [1, 1] \
             or list(op.attrs.get("kernel_shape", [k_h, k_w])) != [k_h, k_w]:
         return None
-    auto_pad = op.attrs.get("auto_pad", "NOTSET")
-    if auto_pad == "VALID":
-        pads = (0, 0, 0, 0)
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        late = auto_pad == "SAME_LOWER"
-        top, left = ((k_h - 1) - (k_h - 1) // 2, (k_w - 1) - (k_w - 1) // 2) if late \
-            else ((k_h - 1) // 2, (k_w - 1) // 2)
-        pads = (top, left, k_h - 1 - top, k_w - 1 - left)
-    else:
-        pads = tuple(int(p) for p in op.attrs.get("pads", [0, 0, 0, 0]))  # type: ignore[assignment]
-    if len(pads) != 4 or not all(0 <= p <= k - 1 for p, k in zip(pads, (k_h, k_w, k_h, k_w))):
+    given = op.attrs.get("pads")
+    if given is not None and len(given) != 4:
         return None
-    return ConvGeometry(weight, bias, pads)  # type: ignore[arg-type]
+    # At stride 1 "SAME" pads do not depend on the input size: any size resolves them.
+    begin, end = conv_pads((k_h, k_w), (k_h, k_w), (1, 1), (1, 1), given,
+                           op.attrs.get("auto_pad", "NOTSET"))
+    pads = (int(begin[0]), int(begin[1]), int(end[0]), int(end[1]))
+    if not all(0 <= p <= k - 1 for p, k in zip(pads, (k_h, k_w, k_h, k_w))):
+        return None
+    return ConvGeometry(weight, bias, pads)
 
 
 def _sums(k: int, s: int) -> np.ndarray:
@@ -245,9 +245,8 @@ class FuseUpsampleConv(Pass):
             bias = [new_const(graph, geometry.bias, f"{hint}_bias").name] \
                 if index == 0 and geometry.bias is not None else []
             if up is None:
-                attrs = {key: value for key, value in conv.attrs.items()}
                 term = graph.add_op("Conv", [name, new_const(graph, w_part, f"{hint}_w").name,
-                                             *bias], 1, attrs, name=f"{hint}_part{index}")
+                                             *bias], 1, dict(conv.attrs), name=f"{hint}_part{index}")
             else:
                 kernel = transpose_kernel(w_part, up.s_h, up.s_w)
                 attrs = {"strides": [up.s_h, up.s_w], "kernel_shape": list(kernel.shape[2:]),

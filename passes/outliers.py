@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 from graphopt.ir import Graph, Op
 from graphopt.onnx_io import sparse_constant_node
 from graphopt.pass_manager import Pass, PassContext, PassResult
+from graphopt.passes.fusion_common import set_input
 from graphopt.passes.fusion_epilogue import EPILOGUE_META, FUSE_META
 from graphopt.passes.kernel_select import (ACC32, KERNEL_OPS, OUTLIER_THRESHOLD, VNNI_ISAS,
                                            choose_kernel, cost_context, format_intensity,
@@ -46,7 +47,7 @@ from graphopt.passes.quantize import (META_INTENSITY, META_KERNEL, META_OUTLIER_
 T = onnx.TensorProto
 
 
-def sparse_initializer(name: str, dense: np.ndarray) -> onnx.SparseTensorProto:
+def sparse_tensor(name: str, dense: np.ndarray) -> onnx.SparseTensorProto:
     """COO SparseTensorProto of `dense` with linearized (sorted) int64 indices."""
     flat = np.flatnonzero(dense)
     values = numpy_helper.from_array(np.ascontiguousarray(dense.reshape(-1)[flat]), name)
@@ -107,10 +108,7 @@ def split_op(graph: Graph, op: Op, w_small: np.ndarray, w_out: np.ndarray) -> Op
     w_name = w_dq.inputs[0]
     small = graph.add_const(w_small, f"{w_name}_small").name
     if len(graph.consumers(op.inputs[1], implicit=True)) == 1:
-        graph.set_input(w_dq, 0, small)          # the DQ is this op's alone: reuse it
-        if graph.values[w_name].is_const and graph.is_isolated(graph.values[w_name]) \
-                and not graph.is_output(w_name) and not graph.is_input(w_name):
-            graph.remove_value(graph.values[w_name])
+        set_input(graph, w_dq, 0, small)          # the DQ is this op's alone: reuse it
     else:
         dq_out = graph.add_value(graph.fresh_name(f"{w_name}_small_dequantized"), T.FLOAT,
                                  graph.values[op.inputs[1]].shape).name
@@ -120,7 +118,7 @@ def split_op(graph: Graph, op: Op, w_small: np.ndarray, w_out: np.ndarray) -> Op
 
     out_name = graph.fresh_name(f"{w_name}_outliers")
     out_value = graph.add_value(out_name, T.INT8, tuple(int(d) for d in w_out.shape))
-    out_value.sparse_proto = sparse_initializer(out_name, w_out)
+    out_value.sparse_proto = sparse_tensor(out_name, w_out)
     out_value.sparse_node = sparse_constant_node(out_name)   # a strictly typed, valid file
     out_dq = graph.add_value(graph.fresh_name(f"{w_name}_outliers_dequantized"), T.FLOAT,
                              graph.values[op.inputs[1]].shape).name

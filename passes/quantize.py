@@ -113,8 +113,9 @@ from graphopt.calibrate import CalibrationData, CalibrationRun, TensorStats, cal
     collect_statistics
 from graphopt.errors import GraphoptError
 from graphopt.ir import Graph, Op, Value
-from graphopt.pass_manager import Pass, PassContext, PassResult
-from graphopt.passes.fusion_common import is_onnx, scalar, sole_reader, unique_op_names
+from graphopt.pass_manager import Pass, PassContext, PassResult, squared_error_terms
+from graphopt.passes.fusion_common import is_onnx, scalar, set_input, sole_reader, \
+    unique_op_names
 from graphopt.passes.qparams import NARROW_QMAX, ActivationBounds, QParams, affine_qparams, \
     choose_range, quantize_weights, rowwise_int8, shared_groups, weight_scales
 
@@ -139,12 +140,13 @@ VERIFY_SLACK = 3.0
 MAX_OUTLIER_FRACTION = 0.05
 #: Tables smaller than this stay float: row-wise int8 saves little on them.
 EMBEDDING_MIN_BYTES = 64 << 10
-#: The evaluation set: the first calibration batches up to this many samples (at most 4 batches).
+#: The evaluation set: the first calibration batches up to this many samples (at most
+#: EVAL_MAX_BATCHES batches).
 EVAL_SAMPLES = 16
+EVAL_MAX_BATCHES = 4
 #: Samples the sensitivity ranking runs on: it only orders the ops (the budget decisions run on
 #: the evaluation set), and it costs one model run per candidate.
 RANKING_SAMPLES = 4
-EVAL_MAX_BATCHES = 4
 #: Opset from which DequantizeLinear takes `axis` (per-channel weights).
 MIN_OPSET = 13
 #: ctx.options key of the QuantizationState that the O3 passes share with the report.
@@ -309,10 +311,7 @@ def activation_qparams(graph: Graph, stats: dict[str, TensorStats], names: Itera
                        method: str = "l2") -> dict[str, QParams]:
     """qparams of each tensor in `names` that calibration saw, shared within pass-through groups
     and within the tensors' net-aware bounds."""
-    groups = shared_groups(graph)
-    members: dict[str, list[str]] = {}
-    for name, root in groups.items():
-        members.setdefault(root, []).append(name)
+    groups, members = _shared_members(graph)
     bounds = ActivationBounds(graph)
     result: dict[str, QParams] = {}
     by_root: dict[str, QParams | None] = {}
@@ -336,12 +335,18 @@ def activation_qparams(graph: Graph, stats: dict[str, TensorStats], names: Itera
     return result
 
 
-def tensors_to_calibrate(graph: Graph, names: Iterable[str]) -> list[str]:
-    """`names` and every tensor sharing a qparams group with one of them."""
+def _shared_members(graph: Graph) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(tensor -> root of its shared-qparams group, root -> the group's tensors)."""
     groups = shared_groups(graph)
     members: dict[str, list[str]] = {}
     for name, root in groups.items():
         members.setdefault(root, []).append(name)
+    return groups, members
+
+
+def tensors_to_calibrate(graph: Graph, names: Iterable[str]) -> list[str]:
+    """`names` and every tensor sharing a qparams group with one of them."""
+    groups, members = _shared_members(graph)
     wanted: dict[str, None] = {}
     for name in names:
         wanted[name] = None
@@ -474,8 +479,7 @@ class _Editor:
         """The dequantized version of activation `name` (contract item 1), made once."""
         if name in self.pairs:
             return self.pairs[name]
-        producer = self.graph.producer_op(name)
-        if producer is not None and producer.op_type == "DequantizeLinear":
+        if self._already_dequantized(name):
             return name               # already the output of a quantized group
         value = self.graph.values[name]
         scale, zp, _ = self.scale_zp(name)
@@ -518,8 +522,8 @@ class _Editor:
         g = self.graph
         done = 0
         for op in list(g.ops.values()):
-            if op.op_type != "Add" or op.domain not in ("", "ai.onnx") or op.graph is not g \
-                    or len(op.inputs) != 2 or op.inputs[0] == op.inputs[1]:
+            if not is_onnx(op, "Add") or op.graph is not g or len(op.inputs) != 2 \
+                    or op.inputs[0] == op.inputs[1]:
                 continue
             sources = [self.dequantized(name) for name in op.inputs]
             if any(s is None for s in sources) or sources == list(op.inputs):
@@ -557,7 +561,7 @@ class _Editor:
         w_dq = self.add("DequantizeLinear", [w_q_name, w_scale_name, w_zp_name],
                         f"{c.weight}_dequantized", T.FLOAT, w_value.shape, {"axis": c.axis})
         g.set_input(op, 0, x_dq)
-        g.set_input(op, 1, w_dq)
+        set_input(g, op, 1, w_dq)            # the float weight goes with its last reader
         if bias is not None:
             b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
             b_q = np.clip(np.rint(bias / b_scale), -_INT32_MAX, _INT32_MAX).astype(np.int32)
@@ -565,10 +569,7 @@ class _Editor:
             b_scale_name = self.const(b_scale, f"{c.bias}_scale")
             b_dq = self.add("DequantizeLinear", [b_q_name, b_scale_name],
                             f"{c.bias}_dequantized", T.FLOAT, (channels,), {"axis": 0})
-            g.set_input(op, 2, b_dq)
-        _drop_if_unused(g, c.weight)
-        if c.bias:
-            _drop_if_unused(g, c.bias)
+            set_input(g, op, 2, b_dq)
         self.inline_pair(c.post)
 
     def fp16(self, op: Op, c: Candidate) -> bool:
@@ -580,8 +581,7 @@ class _Editor:
         w16 = self.const(w.astype(np.float16), f"{c.weight}_fp16")
         cast = self.add("Cast", [w16], f"{c.weight}_fp32", T.FLOAT, g.values[c.weight].shape,
                         {"to": T.FLOAT})
-        g.set_input(op, 1, cast)
-        _drop_if_unused(g, c.weight)
+        set_input(g, op, 1, cast)
         return True
 
     def embedding(self, op: Op, c: Candidate, q: np.ndarray, scales: np.ndarray) -> None:
@@ -593,8 +593,7 @@ class _Editor:
         row_scales = self.const(scales, f"{c.weight}_row_scales")
         raw = detach_producer(g, c.output, f"{c.output}_int8")
         g.values[raw].dtype = T.INT8
-        g.set_input(op, 0, table_q)
-        _drop_if_unused(g, c.weight)
+        set_input(g, op, 0, table_q)
         as_float = self.add("Cast", [raw], f"{c.output}_cast", T.FLOAT, out.shape, {"to": T.FLOAT})
         picked = self.add("Gather", [row_scales, c.x], f"{c.output}_row_scale", T.FLOAT,
                           idx_shape, {"axis": 0})
@@ -626,13 +625,6 @@ def detach_producer(graph: Graph, name: str, hint: str) -> str:
     return raw
 
 
-def _drop_if_unused(graph: Graph, name: str) -> None:
-    value = graph.values.get(name)
-    if value is not None and value.is_const and graph.is_isolated(value) \
-            and not graph.is_output(value) and not graph.is_input(value):
-        graph.remove_value(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # measuring a plan
 # ---------------------------------------------------------------------------------------------
@@ -651,13 +643,11 @@ def relative_l2(reference: Sequence[Sequence[np.ndarray]],
                 if e.shape != a.shape:
                     return math.inf
                 continue
-            e64, a64 = e.astype(np.float64), a.astype(np.float64)
-            finite = np.isfinite(e64)
-            if not np.isfinite(a64[finite]).all():
+            terms = squared_error_terms(e, a)
+            if terms is None:
                 return math.inf
-            diff = a64[finite] - e64[finite]
-            num += float(np.dot(diff, diff))
-            den += float(np.dot(e64[finite], e64[finite]))
+            num += terms[0]
+            den += terms[1]
         if num:
             worst = max(worst, math.sqrt(num / den) if den else math.inf)
     return worst

@@ -2,10 +2,11 @@
 
 Conv runs on the shared engine in conv.py (im2col + BLAS, GEMM-only 1x1, blocked depthwise,
 shifted GEMMs); ConvTranspose is one GEMM plus a strided scatter per kernel tap, or, for
-overlapping 2-D taps, one GEMM computing every output phase (sub-pixel form) and an interleave. Pooling reduces one spatial axis at a time (a loop over that
-axis's kernel taps, never over pixels) on strided views of the input. Resize precomputes, per resized axis, the source indices and weights of each
-output coordinate once per input shape and applies them with np.take (integer-factor nearest
-upsampling: strided copies).
+overlapping 2-D taps, one GEMM computing every output phase (sub-pixel form) and an interleave.
+Pooling reduces one spatial axis at a time (a loop over that axis's kernel taps, never over
+pixels) on strided views of the input. Resize precomputes, per resized axis, the source indices
+and weights of each output coordinate once per input shape and applies them with np.take
+(integer-factor nearest upsampling: strided copies).
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def _conv_transpose_geometry(node_attrs: dict, x_shape: Sequence[int], w_shape: 
 
 @kernel("ConvTranspose")
 def _conv_transpose(node: KernelNode):
-    """y = col2im(W^T @ x): one GEMM per (batch, group), then a scatter-add per kernel tap
-    (a single transposing copy when the taps do not overlap, e.g. 2x2 stride-2 upsampling)."""
+    """y = col2im(W^T @ x): 2-D, ungrouped, undilated with overlapping taps as one sub-pixel
+    GEMM (`_SubPixel`); otherwise one GEMM per (batch, group), then a scatter-add per kernel tap
+    (`_scatter_taps`)."""
     attrs = dict(node.op.attrs)
     groups = int(attrs.get("group", 1))
     w_const = node.consts[1] if node.n_inputs > 1 else None
@@ -143,7 +145,7 @@ def _conv_transpose(node: KernelNode):
 
     w_mat_const = weight_matrix(w_const) if w_const is not None else None
     geoms: dict = {}
-    subpixels: dict = {}
+    subpixels: dict[tuple, _SubPixel] = {}     # constant weights: per (strides, pads_begin)
 
     def run(x, w, b=None):
         in_dtype = x.dtype
@@ -153,64 +155,68 @@ def _conv_transpose(node: KernelNode):
         if geom is None:
             geom = geoms[key] = _conv_transpose_geometry(attrs, x.shape, w.shape)
         kernel_, strides, dilations, begin, end, out_spatial = geom
-        w_mat = w_mat_const if w_mat_const is not None else weight_matrix(w)
-        n, c_in = x.shape[:2]
-        spatial = x.shape[2:]
-        d = len(spatial)
-        c_out = w.shape[1] * groups
-        if d == 2 and groups == 1 and dilations == [1, 1] and min(begin) >= 0 \
+        if x.ndim == 4 and groups == 1 and dilations == [1, 1] and min(begin) >= 0 \
                 and any(s < k for s, k in zip(strides, kernel_)):
-            sub_key = ("subpixel", tuple(strides), tuple(begin))
+            sub_key = (tuple(strides), tuple(begin))
             sub = subpixels.get(sub_key) if w_const is not None else None
             if sub is None:
                 sub = _SubPixel(np.asarray(w, dtype=dtype), strides, begin)
                 if w_const is not None:
                     subpixels[sub_key] = sub
             y = sub(x, out_spatial)
-            bb = b_const if b_const is not None else b
-            if bb is not None:
-                y += np.asarray(bb, dtype=dtype).reshape(_channel_shape(y))
-            return (y.astype(in_dtype, copy=False),)
-        pixels = math.prod(spatial)
-        kk = math.prod(kernel_)
-        cols = scratch("conv_transpose.cols", n * c_out * kk * pixels, dtype)
-        np.matmul(w_mat, x.reshape(n, groups, c_in // groups, pixels),
-                  out=cols.reshape(n, groups, w_mat.shape[1], pixels))
-        cols = cols.reshape((n, c_out) + tuple(kernel_) + tuple(spatial))
-        full = [s * (i - 1) + (k - 1) * dl + 1
-                for s, i, k, dl in zip(strides, spatial, kernel_, dilations)]
-        # The canvas holds every computed position [0, full) and the output window
-        # [begin, begin + out), which output_padding / output_shape may push beyond either end.
-        shift = [max(0, -b_) for b_ in begin]
-        canvas = [sh + max(f, b_ + o) for sh, f, b_, o in zip(shift, full, begin, out_spatial)]
-        # Taps with stride == kernel size tile the canvas exactly: no zero fill needed.
-        exact_cover = canvas == full and all(s == (k - 1) * dl + 1 for s, k, dl in
-                                             zip(strides, kernel_, dilations))
-        y_full = np.empty((n, c_out) + tuple(canvas), dtype=dtype) if exact_cover \
-            else np.zeros((n, c_out) + tuple(canvas), dtype=dtype)
-        region = y_full[(slice(None), slice(None))
-                        + tuple(slice(sh, sh + f) for sh, f in zip(shift, full))]
-        non_overlapping = all(s >= (k - 1) * dl + 1 for s, k, dl in zip(strides, kernel_, dilations))
-        for tap in itertools.product(*(range(k) for k in kernel_)):
-            # Tap t of input pixel i lands on output pixel i * s + t * d: a strided slice.
-            dst = (slice(None), slice(None)) + tuple(
-                slice(t * dl, t * dl + s * (i - 1) + 1, s)
-                for t, dl, s, i in zip(tap, dilations, strides, spatial))
-            src = cols[(slice(None), slice(None)) + tap]
-            if non_overlapping:
-                region[dst] = src       # every canvas pixel gets exactly one tap (or none: 0)
-            else:
-                region[dst] += src
-        crop = (slice(None), slice(None)) + tuple(
-            slice(sh + b_, sh + b_ + o) for sh, b_, o in zip(shift, begin, out_spatial))
-        y = y_full[crop]
-        if y.shape != y_full.shape:
-            y = np.ascontiguousarray(y)
+        else:
+            w_mat = w_mat_const if w_mat_const is not None else weight_matrix(w)
+            y = _scatter_taps(x, w_mat, groups, w.shape[1] * groups, geom)
         bb = b_const if b_const is not None else b
         if bb is not None:
             y += np.asarray(bb, dtype=dtype).reshape(_channel_shape(y))
         return (y.astype(in_dtype, copy=False),)
     return run
+
+
+def _scatter_taps(x: np.ndarray, w_mat: np.ndarray, groups: int, c_out: int, geom) -> np.ndarray:
+    """ConvTranspose as one GEMM per (batch, group) and a strided scatter per kernel tap (a
+    single transposing copy when the taps do not overlap)."""
+    kernel_, strides, dilations, begin, _, out_spatial = geom
+    dtype = w_mat.dtype
+    n, c_in = x.shape[:2]
+    spatial = x.shape[2:]
+    pixels = math.prod(spatial)
+    kk = math.prod(kernel_)
+    cols = scratch("conv_transpose.cols", n * c_out * kk * pixels, dtype)
+    np.matmul(w_mat, x.reshape(n, groups, c_in // groups, pixels),
+              out=cols.reshape(n, groups, w_mat.shape[1], pixels))
+    cols = cols.reshape((n, c_out) + tuple(kernel_) + tuple(spatial))
+    full = [s * (i - 1) + (k - 1) * dl + 1
+            for s, i, k, dl in zip(strides, spatial, kernel_, dilations)]
+    # The canvas holds every computed position [0, full) and the output window
+    # [begin, begin + out), which output_padding / output_shape may push beyond either end.
+    shift = [max(0, -b_) for b_ in begin]
+    canvas = [sh + max(f, b_ + o) for sh, f, b_, o in zip(shift, full, begin, out_spatial)]
+    # Taps with stride == kernel size tile the canvas exactly: no zero fill needed.
+    exact_cover = canvas == full and all(s == (k - 1) * dl + 1 for s, k, dl in
+                                         zip(strides, kernel_, dilations))
+    y_full = np.empty((n, c_out) + tuple(canvas), dtype=dtype) if exact_cover \
+        else np.zeros((n, c_out) + tuple(canvas), dtype=dtype)
+    region = y_full[(slice(None), slice(None))
+                    + tuple(slice(sh, sh + f) for sh, f in zip(shift, full))]
+    non_overlapping = all(s >= (k - 1) * dl + 1 for s, k, dl in zip(strides, kernel_, dilations))
+    for tap in itertools.product(*(range(k) for k in kernel_)):
+        # Tap t of input pixel i lands on output pixel i * s + t * d: a strided slice.
+        dst = (slice(None), slice(None)) + tuple(
+            slice(t * dl, t * dl + s * (i - 1) + 1, s)
+            for t, dl, s, i in zip(tap, dilations, strides, spatial))
+        src = cols[(slice(None), slice(None)) + tap]
+        if non_overlapping:
+            region[dst] = src       # every canvas pixel gets exactly one tap (or none: 0)
+        else:
+            region[dst] += src
+    crop = (slice(None), slice(None)) + tuple(
+        slice(sh + b_, sh + b_ + o) for sh, b_, o in zip(shift, begin, out_spatial))
+    y = y_full[crop]
+    if y.shape != y_full.shape:
+        y = np.ascontiguousarray(y)
+    return y
 
 
 def _phase_offsets(k: int, s: int, begin: int) -> tuple[list[int], list[int], int]:
