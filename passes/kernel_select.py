@@ -24,6 +24,7 @@ would turn acc16) and KernelSelect share it, so the two cannot disagree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from graphopt.cost import GEMM, CostContext, OpCost, op_cost
 from graphopt.errors import UsageError
 from graphopt.ir import Graph, Op
 from graphopt.machine import Machine, detect_machine, modeled_machine, roofline
-from graphopt.pass_manager import Pass, PassContext, PassResult
+from graphopt.pass_manager import Pass, PassContext, PassResult, squared_error_terms
 from graphopt.passes.qparams import NARROW_QMAX, QParams
 from graphopt.passes.quantize import (MAX_OUTLIER_FRACTION, META_INTENSITY, META_KERNEL,
                                       META_OUTLIER_OF, META_QUANT, META_REASON, QuantizationPass,
@@ -73,6 +74,13 @@ class KernelDecision:
     intensity: float | None = None
     speedup: float | None = None          # acc32 time / (acc16 + outlier) time, predicted
     acc16_error: float | None = None      # relative L2 of the accumulators on the sample
+
+    def mark(self, op: Op) -> None:
+        """Record the decision in the op's meta (contract item 6)."""
+        op.meta[META_KERNEL] = self.kernel
+        if self.intensity is not None:
+            op.meta[META_INTENSITY] = format_intensity(self.intensity)
+        op.meta[META_REASON] = self.reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +269,10 @@ def acc16_error(op: Op, w_q: np.ndarray, x: np.ndarray, qparams: QParams) -> flo
         rows = x_q.reshape(-1, x_q.shape[-1])
         exact = IntMatMul(b)(rows, qparams.zero_point)
         approx = IntMatMul(b, acc16=True)(rows, qparams.zero_point)
-    exact64 = exact.astype(np.float64)
-    diff = approx.astype(np.float64) - exact64
-    norm = float(np.linalg.norm(exact64))
-    error = float(np.linalg.norm(diff))
-    return error / norm if norm else (0.0 if error == 0 else float("inf"))
+    squared_error, squared_norm = squared_error_terms(exact, approx)   # integers: all finite
+    if not squared_norm:
+        return 0.0 if squared_error == 0 else math.inf
+    return math.sqrt(squared_error / squared_norm)
 
 
 def format_intensity(intensity: float) -> str:
@@ -304,10 +311,7 @@ class KernelSelect(QuantizationPass):
             if decision is None:
                 continue
             before = (op.meta.get(META_KERNEL), op.meta.get(META_REASON))
-            op.meta[META_KERNEL] = decision.kernel
-            if decision.intensity is not None:
-                op.meta[META_INTENSITY] = format_intensity(decision.intensity)
-            op.meta[META_REASON] = decision.reason
+            decision.mark(op)
             result.count("acc16" if decision.kernel == ACC16 else "acc32")
             result.changed |= before != (decision.kernel, decision.reason)
         return result

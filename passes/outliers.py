@@ -37,10 +37,10 @@ from graphopt.pass_manager import Pass, PassContext, PassResult
 from graphopt.passes.fusion_common import set_input
 from graphopt.passes.fusion_epilogue import EPILOGUE_META, FUSE_META
 from graphopt.passes.kernel_select import (ACC32, KERNEL_OPS, OUTLIER_THRESHOLD, VNNI_ISAS,
-                                           choose_kernel, cost_context, format_intensity,
+                                           choose_kernel, cost_context,
                                            int8_ops, int8_weight, outlier_ops,
                                            resolve_machine, split_weights)
-from graphopt.passes.quantize import (META_INTENSITY, META_KERNEL, META_OUTLIER_OF, META_QUANT,
+from graphopt.passes.quantize import (META_KERNEL, META_OUTLIER_OF, META_QUANT,
                                       META_REASON, QuantizationPass, detach_producer,
                                       quantization_state)
 
@@ -90,10 +90,7 @@ class OutlierSplit(QuantizationPass):
             decision = choose_kernel(graph, op, machine, costs, w_small, outliers,
                                      samples.get(op.name))
             split_op(graph, op, w_small, w_out)
-            op.meta[META_KERNEL] = decision.kernel
-            op.meta[META_REASON] = decision.reason
-            if decision.intensity is not None:
-                op.meta[META_INTENSITY] = format_intensity(decision.intensity)
+            decision.mark(op)
             result.count("ops_split")
             result.count("outlier_weights", outliers)
             result.count("weights_of_split_ops", w_small.size)

@@ -17,10 +17,10 @@ then scale = (hi - lo) / 255 and zero_point = round(-lo / scale). Methods:
 
 Weights (per output channel, symmetric int8, zero point 0): per channel the clipping threshold
 c = ratio * max|w| that minimizes the squared error of the channel's weights themselves (ratios
-0.5..1), scale = c / qmax, values in [-qmax, qmax]: qmax = 127, or NARROW_QMAX = 64 (7 bits) for
-targets whose int8 kernels sum pairs of u8*s8 products in 16 bits (see passes/quantize.py). Embedding tables are quantized per row
-(symmetric, scale = max|row| / 127): rows are short, so clipping buys little, and a >2 GB table
-is then one streaming pass.
+0.5..1), scale = c / qmax, values in [-qmax, qmax]: qmax = 127, or NARROW_QMAX = 64 (7 bits)
+for targets whose int8 kernels sum pairs of u8*s8 products in 16 bits (see passes/quantize.py).
+Embedding tables are quantized per row (symmetric, scale = max|row| / 127): rows are short, so
+clipping buys little, and a >2 GB table is then one streaming pass.
 
 Net-aware ranges (`ActivationBounds`): a tensor made by Relu starts at 0, Sigmoid lies in [0, 1],
 Tanh in [-1, 1], Clip in its bounds; the chosen range is intersected with these and its lower end
@@ -40,6 +40,7 @@ import numpy as np
 
 from graphopt.calibrate import Histogram, TensorStats
 from graphopt.ir import Graph
+from graphopt.passes.fusion_common import is_onnx, scalar
 
 METHODS = ("l2", "minmax", "percentile", "kl")
 UINT8_LEVELS = 256
@@ -62,11 +63,6 @@ class QParams:
     zero_point: int
     lo: float
     hi: float
-
-    def fake_quant(self, x: np.ndarray) -> np.ndarray:
-        """x through quantize + dequantize (float32), as QuantizeLinear/DequantizeLinear do."""
-        q = np.clip(np.rint(x / np.float32(self.scale)) + self.zero_point, 0, 255)
-        return ((q - self.zero_point) * np.float32(self.scale)).astype(np.float32)
 
 
 def affine_qparams(lo: float, hi: float) -> QParams:
@@ -222,7 +218,7 @@ class ActivationBounds:
 
     def _bounds(self, name: str) -> tuple[float, float] | None:
         op = self.graph.producer_op(name) if name in self.graph.values else None
-        if op is None or op.domain not in ("", "ai.onnx"):
+        if op is None or not is_onnx(op, *_ACTIVATION_RANGES, "Clip", *PASS_THROUGH):
             return None
         if op.op_type in _ACTIVATION_RANGES:
             return _ACTIVATION_RANGES[op.op_type]
@@ -238,8 +234,6 @@ class ActivationBounds:
 
 
 def _clip_bounds(graph: Graph, op) -> tuple[float, float]:
-    from graphopt.passes.fusion_common import scalar
-
     if graph.opset() < 11:
         return float(op.attrs.get("min", -math.inf)), float(op.attrs.get("max", math.inf))
     lo = scalar(graph, op.inputs[1]) if len(op.inputs) > 1 and op.inputs[1] else None
@@ -266,7 +260,7 @@ def shared_groups(graph: Graph) -> dict[str, str]:
             parent[max(ra, rb)] = min(ra, rb)
 
     for op in graph.ops.values():
-        if op.domain not in ("", "ai.onnx") or op.op_type not in PASS_THROUGH:
+        if not is_onnx(op, *PASS_THROUGH):
             continue
         if not op.outputs or not op.outputs[0]:
             continue
