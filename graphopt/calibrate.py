@@ -91,7 +91,7 @@ def calibration_data(graph: Graph, given: Any = None, *, batch_size: int | None 
                    for i, b in enumerate(given)]
         if not batches:
             raise UsageError("calibration data holds no batches")
-        count = sum(_batch_len(graph, b) for b in batches)
+        count = sum(batch_samples(b) for b in batches)
         return CalibrationData(batches, "real", count, "feeds")
     raise UsageError(f"calibration data must be a path, a list of feed dicts or a dict of "
                      f"arrays, not {type(given).__name__}")
@@ -112,7 +112,7 @@ def load_calibration(graph: Graph, path: str | os.PathLike, *,
         raise UsageError(f"--calib {path}: no such file or folder")
     parts: dict[str, list[np.ndarray]] = {}
     for file in files:
-        for name, array in _read_npz(file).items():
+        for name, array in _read_arrays(file).items():
             parts.setdefault(name, []).append(array)
     arrays = {}
     for name, pieces in parts.items():
@@ -123,7 +123,7 @@ def load_calibration(graph: Graph, path: str | os.PathLike, *,
     return _batched(graph, arrays, batch_size, source="real", origin=str(path), label="--calib")
 
 
-def _read_npz(file: Path) -> dict[str, np.ndarray]:
+def _read_arrays(file: Path) -> dict[str, np.ndarray]:
     """An .npz file's arrays by name, or an .npy file's array under the file's stem."""
     loaded = read_array_file(file, "--calib")
     if isinstance(loaded, dict):
@@ -236,7 +236,7 @@ def _batched(graph: Graph, arrays: dict[str, np.ndarray], batch_size: int | None
     for start in range(0, total - (total % size if fixed else 0), size):
         feeds = {name: arrays[name][start:start + size] for name in needed}
         batches.append(_checked_feeds(graph, feeds, f"{label} {origin}"))
-    used = sum(_batch_len(graph, b) for b in batches)
+    used = sum(batch_samples(b) for b in batches)
     return CalibrationData(batches, source, used, origin)
 
 
@@ -276,10 +276,10 @@ def _describe(shape) -> str:
     return "[" + ",".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + "]"
 
 
-def _batch_len(graph: Graph, feeds: Feeds) -> int:
-    for name in feed_names(graph):
-        array = feeds.get(name)
-        if array is not None and np.ndim(array):
+def batch_samples(feeds: Feeds) -> int:
+    """Samples in a batch of feeds: the first axis of its first non-scalar array (1 if none)."""
+    for array in feeds.values():
+        if np.ndim(array):
             return int(np.shape(array)[0])
     return 1
 
@@ -294,13 +294,6 @@ class Histogram:
     lo: float
     hi: float
     counts: np.ndarray
-
-    @classmethod
-    def of(cls, x: np.ndarray, bins: int = HISTOGRAM_BINS) -> Histogram:
-        lo, hi = _span(float(x.min()), float(x.max()))
-        hist = cls(lo, hi, np.zeros(bins, dtype=np.float64))
-        hist._add_within(x)
-        return hist
 
     @property
     def bins(self) -> int:

@@ -109,10 +109,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.calibrate import CalibrationData, CalibrationRun, TensorStats, calibration_data, \
+from graphopt.calibrate import CalibrationData, TensorStats, batch_samples, calibration_data, \
     collect_statistics
-from graphopt.errors import GraphoptError
-from graphopt.ir import Graph, Op, Value
+from graphopt.ir import Graph, Op
 from graphopt.pass_manager import Pass, PassContext, PassResult, squared_error_terms
 from graphopt.passes.fusion_common import is_onnx, scalar, set_input, sole_reader, \
     unique_op_names
@@ -936,7 +935,7 @@ def _ranking_evaluator(graph: Graph, evaluator: Evaluator, data: CalibrationData
     from graphopt.runtime import Session
 
     first = data.batches[0]
-    if _first_dim(first) > RANKING_SAMPLES:
+    if batch_samples(first) > RANKING_SAMPLES:
         cut = {name: array[:RANKING_SAMPLES] for name, array in first.items()}
         try:
             outputs = Session(graph, concat_views=False).run(cut)
@@ -950,21 +949,14 @@ def _eval_batches(data: CalibrationData) -> int:
     count = samples = 0
     for batch in data.batches[:EVAL_MAX_BATCHES]:
         count += 1
-        samples += _first_dim(batch)
+        samples += batch_samples(batch)
         if samples >= EVAL_SAMPLES:
             break
     return max(count, 1)
 
 
 def _samples(data: CalibrationData, batches: int) -> int:
-    return sum(_first_dim(b) for b in data.batches[:batches])
-
-
-def _first_dim(batch: dict[str, np.ndarray]) -> int:
-    for array in batch.values():
-        if np.ndim(array):
-            return int(np.shape(array)[0])
-    return 1
+    return sum(batch_samples(b) for b in data.batches[:batches])
 
 
 PASSES: list[type[Pass]] = [Quantize]
