@@ -321,8 +321,7 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
         a32 = np.concatenate([a32, np.zeros(a32.shape[:-1] + (1,), np.int32)], axis=-1)
         b32 = np.concatenate([b32, np.zeros(b32.shape[:-2] + (1, n), np.int32)], axis=-2)
     blocks = [(k0, min(k0 + k_block, a32.shape[-1])) for k0 in range(0, k, k_block)]
-    risky = [_acc16_risky(a32[..., k0:k1], b32[..., k0:k1, :], a.ndim == b.ndim == 2)
-             for k0, k1 in blocks]
+    risky = [_acc16_risky(a32[..., k0:k1], b32[..., k0:k1, :]) for k0, k1 in blocks]
     if a.ndim == b.ndim == 2:
         risky = [None if mask is None else
                  _refine_by_sub_blocks(a32[:, k0:k1], b32[k0:k1], mask, saturate_sum)
@@ -343,9 +342,8 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
                 for start in range(0, risky_m.size, _SCAN_OUTPUTS):
                     m_idx = risky_m[start:start + _SCAN_OUTPUTS]
                     n_idx = risky_n[start:start + _SCAN_OUTPUTS]
-                    acc16, exact_blk = _acc16_scan_outputs(a_blk[m_idx], b_blk[:, n_idx].T,
-                                                           saturate_sum)
-                    result[m_idx, n_idx] += acc16 - exact_blk
+                    result[m_idx, n_idx] += _acc16_output_excess(
+                        a_blk[m_idx], b_blk[:, n_idx].T, saturate_sum)
                 continue
             acc16, exact_blk = _acc16_scan(a_blk[rows], b_blk[:, cols], saturate_sum)
             sub = np.ix_(rows, cols)
@@ -356,15 +354,14 @@ def int_gemm_acc16(a: np.ndarray, b: np.ndarray, *, k_block: int = ACC16_K_BLOCK
     return result.astype(np.int32)
 
 
-def _acc16_risky(a_blk: np.ndarray, b_blk: np.ndarray, refine: bool) -> np.ndarray | None:
+def _acc16_risky(a_blk: np.ndarray, b_blk: np.ndarray) -> np.ndarray | None:
     """Mask (..., M, N) of the outputs whose 16-bit sums over the block may leave int16, or None
     when none can. A cheap bound first (per-row L1 x per-column max, and the other way round);
     then, for the outputs it could not clear, the exact range of every partial sum: each pair
     sum and running sum lies between the sum of the block's negative products and the sum of
     its positive ones, which are GEMMs of the operands' positive and negative parts (two when
     the activations are unsigned, as they are for uint8). That range is far narrower than
-    sum_k |a_mk| |b_kn| when the weights mix signs. (`refine` is kept for callers; the range
-    test runs for every operand rank.)"""
+    sum_k |a_mk| |b_kn| when the weights mix signs."""
     abs_a = np.abs(a_blk).astype(np.int64)
     abs_b = np.abs(b_blk).astype(np.int64)
     cheap = np.minimum(abs_a.sum(axis=-1)[..., :, None] * abs_b.max(axis=-2)[..., None, :],
@@ -431,25 +428,6 @@ _EXCESS_SUB_BLOCK = 32
 
 #: Outputs the per-output acc16 scan handles at once (its pair table is outputs x K-block/2).
 _SCAN_OUTPUTS = 1 << 14
-
-
-def _acc16_scan_outputs(a_rows: np.ndarray, b_cols: np.ndarray, saturate_sum: bool
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(acc16 model, exact sum) of one K-block for P chosen outputs: a_rows (P, KB) holds each
-    output's activation row, b_cols (P, KB) its weight column (KB even). The pair sums come
-    out of one vectorized product; only the saturating running sum loops, over the pairs."""
-    products = a_rows * b_cols
-    # pair-major (KB/2, P): the scan below walks pairs, each step over contiguous memory
-    pairs = np.ascontiguousarray((products[:, 0::2] + products[:, 1::2]).T)
-    exact = pairs.sum(axis=0, dtype=np.int64).astype(np.int32)
-    _sat16(pairs)
-    if not saturate_sum:
-        return pairs.sum(axis=0, dtype=np.int64).astype(np.int32), exact
-    acc16 = np.zeros(pairs.shape[1], np.int32)
-    for row in pairs:
-        acc16 += row
-        _sat16(acc16)
-    return acc16, exact
 
 
 def _acc16_scan(a_blk: np.ndarray, b_blk: np.ndarray, saturate_sum: bool
@@ -552,7 +530,7 @@ class Acc16Weights:
             else:
                 a_rows = self._a32(a[group, rows], k0, k1)
                 b_cols = self._b_cols[group, cols, k0:k1]
-            found.append((group, rows, cols, self._scan_outputs(a_rows, b_cols, saturate_sum)))
+            found.append((group, rows, cols, _acc16_output_excess(a_rows, b_cols, saturate_sum)))
         return found
 
     @staticmethod
@@ -631,56 +609,60 @@ class Acc16Weights:
         out[..., :part.shape[-1]] = part
         return out
 
-    @staticmethod
-    def _scan_outputs(a_rows: np.ndarray, b_cols: np.ndarray, saturate_sum: bool) -> np.ndarray:
-        """model - exact of one K-block for P outputs (a_rows, b_cols: (P, KB), KB even): the
-        same result as `_acc16_scan_outputs`, without its loop over the pairs."""
-        products = a_rows * b_cols
-        pairs = products[:, 0::2] + products[:, 1::2]
-        if saturate_sum:
-            # outputs whose pair sums and running sums all fit int16 never saturate (model ==
-            # exact): only the others are folded
-            prefix = np.cumsum(pairs, axis=1, dtype=np.int32)   # |sum| <= 128 * 65280
-            stays = (prefix.max(axis=1) <= INT16_MAX) & (prefix.min(axis=1) >= INT16_MIN) \
-                & (pairs.max(axis=1) <= INT16_MAX) & (pairs.min(axis=1) >= INT16_MIN)
-            delta = np.zeros(pairs.shape[0], np.int32)
-            leaves = np.flatnonzero(~stays)
-            if leaves.size:
-                delta[leaves] = Acc16Weights._fold(pairs[leaves])
-            return delta
-        exact = pairs.sum(axis=1, dtype=np.int64)
-        _sat16(pairs)
-        return (pairs.sum(axis=1, dtype=np.int64) - exact).astype(np.int32)
 
-    @staticmethod
-    def _fold(pairs: np.ndarray) -> np.ndarray:
-        """model - exact of the saturating running sum over each row of pair sums (P, n).
 
-        acc = sat16(acc + sat16(pair)) is a composition of the maps s -> clamp(s + c, lo, hi),
-        and composing two such maps gives another:
-            clamp(clamp(s + c1, lo1, hi1) + c2, lo2, hi2)
-              = clamp(s + c1 + c2, clamp(lo1 + c2, lo2, hi2), clamp(hi1 + c2, lo2, hi2)),
-        so the maps are folded pairwise, log2(n) vectorized steps instead of a loop over n
-        (exact integer arithmetic)."""
-        exact = pairs.sum(axis=1, dtype=np.int64)
-        shift = _sat16(pairs.copy())
-        lo = np.full(pairs.shape, INT16_MIN, np.int32)
-        hi = np.full(pairs.shape, INT16_MAX, np.int32)
-        while shift.shape[1] > 1:
-            if shift.shape[1] % 2:      # the identity map pads to an even count
-                shift = np.concatenate([shift, np.zeros((shift.shape[0], 1), np.int32)], 1)
-                lo = np.concatenate([lo, np.full((lo.shape[0], 1), INT16_MIN, np.int32)], 1)
-                hi = np.concatenate([hi, np.full((hi.shape[0], 1), INT16_MAX, np.int32)], 1)
-            c2, lo2, hi2 = shift[:, 1::2], lo[:, 1::2], hi[:, 1::2]
-            new_lo = lo[:, 0::2] + c2
-            np.maximum(new_lo, lo2, out=new_lo)
-            np.minimum(new_lo, hi2, out=new_lo)
-            new_hi = hi[:, 0::2] + c2
-            np.maximum(new_hi, lo2, out=new_hi)
-            np.minimum(new_hi, hi2, out=new_hi)
-            shift = shift[:, 0::2] + c2
-            lo, hi = new_lo, new_hi
-        if not shift.shape[1]:
-            return np.zeros(shift.shape[0], np.int32)
-        acc16 = np.minimum(np.maximum(shift[:, 0], lo[:, 0]), hi[:, 0])     # applied to 0
-        return (acc16 - exact).astype(np.int32)
+def _acc16_output_excess(a_rows: np.ndarray, b_cols: np.ndarray, saturate_sum: bool
+                        ) -> np.ndarray:
+    """model - exact of one K-block of the acc16 model for P chosen outputs: a_rows (P, KB)
+    holds each output's int32 activation row, b_cols (P, KB) its weight column (KB even). The
+    pair sums come out of one vectorized product; the saturating running sum is folded in
+    log steps (`_fold_saturating_sums`), only for the outputs whose sums leave int16."""
+    products = a_rows * b_cols
+    pairs = products[:, 0::2] + products[:, 1::2]
+    if saturate_sum:
+        # outputs whose pair sums and running sums all fit int16 never saturate (model ==
+        # exact): only the others are folded
+        prefix = np.cumsum(pairs, axis=1, dtype=np.int32)   # |sum| <= 128 * 65280
+        stays = (prefix.max(axis=1) <= INT16_MAX) & (prefix.min(axis=1) >= INT16_MIN) \
+            & (pairs.max(axis=1) <= INT16_MAX) & (pairs.min(axis=1) >= INT16_MIN)
+        delta = np.zeros(pairs.shape[0], np.int32)
+        leaves = np.flatnonzero(~stays)
+        if leaves.size:
+            delta[leaves] = _fold_saturating_sums(pairs[leaves])
+        return delta
+    exact = pairs.sum(axis=1, dtype=np.int64)
+    _sat16(pairs)
+    return (pairs.sum(axis=1, dtype=np.int64) - exact).astype(np.int32)
+
+
+def _fold_saturating_sums(pairs: np.ndarray) -> np.ndarray:
+    """model - exact of the saturating running sum over each row of pair sums (P, n).
+
+    acc = sat16(acc + sat16(pair)) is a composition of the maps s -> clamp(s + c, lo, hi),
+    and composing two such maps gives another:
+        clamp(clamp(s + c1, lo1, hi1) + c2, lo2, hi2)
+          = clamp(s + c1 + c2, clamp(lo1 + c2, lo2, hi2), clamp(hi1 + c2, lo2, hi2)),
+    so the maps are folded pairwise, log2(n) vectorized steps instead of a loop over n
+    (exact integer arithmetic)."""
+    exact = pairs.sum(axis=1, dtype=np.int64)
+    shift = _sat16(pairs.copy())
+    lo = np.full(pairs.shape, INT16_MIN, np.int32)
+    hi = np.full(pairs.shape, INT16_MAX, np.int32)
+    while shift.shape[1] > 1:
+        if shift.shape[1] % 2:      # the identity map pads to an even count
+            shift = np.concatenate([shift, np.zeros((shift.shape[0], 1), np.int32)], 1)
+            lo = np.concatenate([lo, np.full((lo.shape[0], 1), INT16_MIN, np.int32)], 1)
+            hi = np.concatenate([hi, np.full((hi.shape[0], 1), INT16_MAX, np.int32)], 1)
+        c2, lo2, hi2 = shift[:, 1::2], lo[:, 1::2], hi[:, 1::2]
+        new_lo = lo[:, 0::2] + c2
+        np.maximum(new_lo, lo2, out=new_lo)
+        np.minimum(new_lo, hi2, out=new_lo)
+        new_hi = hi[:, 0::2] + c2
+        np.maximum(new_hi, lo2, out=new_hi)
+        np.minimum(new_hi, hi2, out=new_hi)
+        shift = shift[:, 0::2] + c2
+        lo, hi = new_lo, new_hi
+    if not shift.shape[1]:
+        return np.zeros(shift.shape[0], np.int32)
+    acc16 = np.minimum(np.maximum(shift[:, 0], lo[:, 0]), hi[:, 0])     # applied to 0
+    return (acc16 - exact).astype(np.int32)
