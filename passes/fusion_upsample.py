@@ -208,8 +208,8 @@ class FuseUpsampleConv(Pass):
             if not pays_off(geometry.weight, up):
                 return None
             return [(x, geometry.weight.shape[1], up)]
-        if producer is None or not is_onnx(producer, "Concat") or sole_reader(graph, x) is not conv \
-                or graph.is_output(x):
+        if producer is None or not is_onnx(producer, "Concat") \
+                or sole_reader(graph, x) is not conv or graph.is_output(x):
             return None
         rank = shapes.rank(x)
         axis = int(producer.attrs.get("axis", 0))
@@ -245,8 +245,9 @@ class FuseUpsampleConv(Pass):
             bias = [new_const(graph, geometry.bias, f"{hint}_bias").name] \
                 if index == 0 and geometry.bias is not None else []
             if up is None:
-                term = graph.add_op("Conv", [name, new_const(graph, w_part, f"{hint}_w").name,
-                                             *bias], 1, dict(conv.attrs), name=f"{hint}_part{index}")
+                w_name = new_const(graph, w_part, f"{hint}_w").name
+                term = graph.add_op("Conv", [name, w_name, *bias], 1, dict(conv.attrs),
+                                    name=f"{hint}_part{index}")
             else:
                 kernel = transpose_kernel(w_part, up.s_h, up.s_w)
                 attrs = {"strides": [up.s_h, up.s_w], "kernel_shape": list(kernel.shape[2:]),

@@ -57,7 +57,8 @@ def sparse_tensor(name: str, dense: np.ndarray) -> onnx.SparseTensorProto:
 
 class OutlierSplit(QuantizationPass):
     """Splits the weights of int8 ops with values beyond T into a dense small part and a sparse
-    outlier op on targets without VNNI (module docstring). Options (ctx): `machine` or `target`, `shapes`."""
+    outlier op on targets without VNNI (module docstring). Options (ctx): `machine` or
+    `target`, `shapes`."""
 
     # Exact in integer math; onnxruntime runs the two float convs + Add instead of one
     # QLinearConv, which can move a rounding step.
