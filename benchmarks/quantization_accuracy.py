@@ -246,7 +246,12 @@ def ort_outputs(graph: graphopt.Graph, batches: list[Feeds], *, fuse: bool = Tru
                 ) -> list[Feeds]:
     """onnxruntime's outputs; fuse=False disables its graph optimizations, so QDQ groups run
     as DequantizeLinear + float op + QuantizeLinear (the contract's math, no int8 kernel)."""
-    session = onnxruntime_session(graph, level="all" if fuse else "disable")
+    return session_outputs(onnxruntime_session(graph, level="all" if fuse else "disable"),
+                           batches)
+
+
+def session_outputs(session, batches: list[Feeds]) -> list[Feeds]:
+    """An onnxruntime session's outputs by name, per batch."""
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(None, feeds))) for feeds in batches]
 

@@ -38,7 +38,7 @@ import onnx  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt import models  # noqa: E402
 from graphopt.execution import onnxruntime_session  # noqa: E402
-from quantization_accuracy import SIZES, case_for, worst_rel_l2  # noqa: E402
+from quantization_accuracy import SIZES, case_for, session_outputs, worst_rel_l2  # noqa: E402
 
 DEFAULT_MODELS = "digits-mlp,ppocr-cls,resnext,shufflenet"
 #: Model sizes: resnext at its default size (quantization_accuracy.py uses "small" to keep its
@@ -79,11 +79,6 @@ def ort_quantize(model: onnx.ModelProto, batches: list[dict], folder: Path) -> o
     return onnx.load(str(out))
 
 
-def outputs(session, batches: list[dict]) -> list[dict]:
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(None, feeds))) for feeds in batches]
-
-
 def measure(name: str, runs: int) -> dict:
     size = BENCH_SIZES.get(name, "default")
     model = models.build(name, size=size)
@@ -103,7 +98,7 @@ def measure(name: str, runs: int) -> dict:
     protos = {"fp32": model, "onnxruntime int8": theirs, "O2 + ort int8": theirs_on_o2,
               "graphopt O3": graphopt.to_model(graph)}
     sessions = {key: onnxruntime_session(graphopt.load(proto)) for key, proto in protos.items()}
-    results = {key: outputs(s, case.eval_batches) for key, s in sessions.items()}
+    results = {key: session_outputs(s, case.eval_batches) for key, s in sessions.items()}
     feeds = case.eval_batches[0]
     for s in sessions.values():
         s.run(None, feeds)
